@@ -1021,7 +1021,11 @@ cdef class LocalCache:
         e.expires = expires
         if expires == INF:
             return 0
-        if default_ttl:  # the latest expiry of its ring: it goes in front
+        cdef Link* latest = self._ttl_ring.head.next
+        if default_ttl and (latest.owner == NULL or (<Entry>latest.owner).expires <= expires):
+            # The latest expiry so far: it goes in front and the ring stays sorted. (A writer
+            # that read the clock before another can come second with an earlier expiry: the
+            # heap takes it.)
             ring_push_front(&self._ttl_ring, &e.tlink)
             return 0
         self._heap_seq += 1
@@ -1160,3 +1164,75 @@ cdef class TinyLFUCache(LocalCache):
 
     def __init__(self, maxsize=128, **kwargs):
         LocalCache.__init__(self, maxsize, policy="tinylfu", **kwargs)
+
+
+cdef class TieredFront:
+    """The local-hit path of a TieredCache: a str key answered from the local tier alone.
+
+    Everything else (other key types, a stale or missing entry, a local tier that may not serve
+    because the invalidation channel is not whole) goes to the subclass's ``_getitem_slow`` and
+    ``_get_slow``. The entry's ``fresh_until`` bounds how long a local copy is served.
+    """
+
+    cdef LocalCache _l1
+    cdef bint _usable
+
+    def _front_init(self, LocalCache l1):
+        """Serve from ``l1`` (not until ``_set_usable(True)``)."""
+        self._l1 = l1
+        self._usable = False
+
+    def _set_usable(self, bint usable):
+        """Whether local copies may be served."""
+        self._usable = usable
+
+    @property
+    def _local_usable(self):
+        return self._usable
+
+    def __getitem__(self, key):
+        cdef LocalCache l1 = self._l1
+        cdef PyObject* p
+        # The common case, no reference counting: no Python code runs between lookup and return.
+        if self._usable and type(key) is str and l1._timer is None:
+            p = dict_lookup(<PyObject*>l1._map, <PyObject*>key)
+            if p != NULL and (<Entry>p).fresh_until > tc_monotonic():
+                if (<Entry>p).link.prev != NULL:
+                    if l1._lru is not None:
+                        ring_move_front(&l1._lru.ring, &(<Entry>p).link)
+                    else:
+                        l1._policy.touch(<Entry>p)
+                l1._hits += 1
+                return (<Entry>p).value
+            return self._getitem_slow(key)
+        cdef object value = self._local_hit(key)
+        if value is not _MISSING:
+            return value
+        return self._getitem_slow(key)
+
+    def get(self, key, default=None):
+        """The value of ``key`` (read-through when a loader is set), else ``default``."""
+        cdef object value = self._local_hit(key)
+        if value is not _MISSING:
+            return value
+        return self._get_slow(key, default)
+
+    cdef inline object _local_hit(self, object key):
+        cdef LocalCache l1 = self._l1
+        cdef PyObject* p
+        cdef Entry e
+        if not self._usable or type(key) is not str:
+            return _MISSING
+        p = dict_lookup(<PyObject*>l1._map, <PyObject*>key)
+        if p == NULL:
+            return _MISSING
+        e = <Entry>p  # a strong reference: an injected timer may run Python code
+        if e.fresh_until <= l1._now():
+            return _MISSING
+        if e.link.prev != NULL:
+            if l1._lru is not None:
+                ring_move_front(&l1._lru.ring, &e.link)
+            else:
+                l1._policy.touch(e)
+        l1._hits += 1
+        return e.value

@@ -779,3 +779,54 @@ class TinyLFUCache(LocalCache):
     """LocalCache with the ``tinylfu`` (W-TinyLFU) policy."""
 
     __init__ = _policy_class("tinylfu")
+
+
+class TieredFront:
+    """The local-hit path of a TieredCache: a str key answered from the local tier alone.
+
+    Everything else (other key types, a stale or missing entry, a local tier that may not serve
+    because the invalidation channel is not whole) goes to the subclass's ``_getitem_slow`` and
+    ``_get_slow``. The entry's ``fresh_until`` bounds how long a local copy is served.
+    """
+
+    _l1: LocalCache
+    _usable: bool = False
+
+    def _front_init(self, l1: LocalCache) -> None:
+        """Serve from ``l1`` (not until ``_set_usable(True)``)."""
+        self._l1 = l1
+        self._usable = False
+
+    def _set_usable(self, usable: bool) -> None:
+        """Whether local copies may be served."""
+        self._usable = usable
+
+    @property
+    def _local_usable(self) -> bool:
+        return self._usable
+
+    def __getitem__(self, key: Hashable) -> Any:
+        value = self._local_hit(key)
+        if value is not _MISSING:
+            return value
+        return self._getitem_slow(key)  # type: ignore[attr-defined]
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        """The value of ``key`` (read-through when a loader is set), else ``default``."""
+        value = self._local_hit(key)
+        if value is not _MISSING:
+            return value
+        return self._get_slow(key, default)  # type: ignore[attr-defined]
+
+    def _local_hit(self, key: Hashable) -> Any:
+        if not self._usable or type(key) is not str:
+            return _MISSING
+        l1 = self._l1
+        e = l1._map.get(key)
+        if e is None or e.fresh_until <= l1._timer():
+            return _MISSING
+        with l1._mutex:
+            if e.prev is not None:
+                l1._policy.touch(e)
+            l1._hits += 1
+        return e.value

@@ -9,19 +9,27 @@ from __future__ import annotations
 import os
 
 if os.environ.get("TIERCACHE_NO_EXTENSIONS"):
-    from ._local_py import Entry, LFUCache, LocalCache, LRUCache, TinyLFUCache
+    from ._local_py import Entry, LFUCache, LocalCache, LRUCache, TieredFront, TinyLFUCache
 
     EXTENSIONS = False
 else:
     try:
-        from ._local import Entry, LFUCache, LocalCache, LRUCache, TinyLFUCache
+        from ._local import Entry, LFUCache, LocalCache, LRUCache, TieredFront, TinyLFUCache
 
         EXTENSIONS = True
     except ImportError:
         if os.environ.get("TIERCACHE_REQUIRE_EXTENSIONS"):
             raise
-        from ._local_py import Entry, LFUCache, LocalCache, LRUCache, TinyLFUCache
+        from ._local_py import Entry, LFUCache, LocalCache, LRUCache, TieredFront, TinyLFUCache
 
         EXTENSIONS = False
 
-__all__ = ["EXTENSIONS", "Entry", "LFUCache", "LRUCache", "LocalCache", "TinyLFUCache"]
+__all__ = [
+    "EXTENSIONS",
+    "Entry",
+    "LFUCache",
+    "LRUCache",
+    "LocalCache",
+    "TieredFront",
+    "TinyLFUCache",
+]
