@@ -1,0 +1,196 @@
+"""User keys to Redis keys: an injective, reversible encoding and the names of a namespace's keys.
+
+Key types: str, bytes, int, float, bool, None and tuples of these (subclasses of str, bytes, int,
+float and tuple count as their base type, as a dict would treat them). The encoding starts with a
+one-byte type tag, so no two different keys share a Redis key: ``1``, ``1.0``, ``True``, ``"1"``
+and ``b"1"`` are five keys. Tuples are length-prefixed, so ``("a:b",)`` and ``("a", "b")`` differ.
+
+Redis layout of namespace ``ns``, partition ``p`` (one partition unless the store is a cluster,
+where each partition is one hash slot: a key's value, tombstone and fill lease share the slot of
+its partition's sequence counter and invalidation log, so one Lua script can touch them all)::
+
+    ns:{ns:p}:v:<encoded key>   the value envelope
+    ns:{ns:p}:t:<encoded key>   the tombstone of a deleted key (its version), short-lived
+    ns:{ns:p}:l:<encoded key>   the fill lease of a key being loaded
+    ns:{ns:p}:meta              hash: seq (invalidation counter), epoch (when seq last restarted)
+    ns:{ns:p}:log               stream: the recent invalidation messages, for replay after a gap
+    ns:{ns:p}:inv               the pub/sub channel of invalidations
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+KeyType = str | bytes | int | float | bool | None | tuple
+SUPPORTED = "str, bytes, int, float, bool, None or tuples of these"
+
+
+def encode_key(key: object) -> bytes:
+    """The injective encoding of ``key``; ``TypeError`` naming the type if it is not supported."""
+    t = type(key)
+    if t is str:
+        return b"s" + key.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
+    if t is bool:
+        return b"T" if key else b"F"
+    if t is int:
+        return b"i%d" % key  # type: ignore[str-format]
+    if t is bytes:
+        return b"b" + key  # type: ignore[operator]
+    if key is None:
+        return b"N"
+    if t is float:
+        return b"f" + float.hex(key).encode()  # type: ignore[arg-type]
+    if t is tuple:
+        return _encode_tuple(key)  # type: ignore[arg-type]
+    return _encode_subclass(key)
+
+
+def _encode_tuple(key: tuple) -> bytes:
+    parts = [encode_key(k) for k in key]
+    return b"t" + b"".join(b"%d:%s" % (len(p), p) for p in parts)
+
+
+def _encode_subclass(key: object) -> bytes:
+    if isinstance(key, str):
+        return encode_key(str.__str__(key))
+    if isinstance(key, bool):  # pragma: no cover - bool cannot be subclassed
+        return encode_key(bool(key))
+    if isinstance(key, int):
+        return encode_key(int(key))
+    if isinstance(key, bytes):
+        return encode_key(bytes(key))
+    if isinstance(key, float):
+        return encode_key(float(key))
+    if isinstance(key, tuple):
+        return _encode_tuple(tuple(key))
+    raise TypeError(f"unsupported key type {type(key).__name__!r}: keys must be {SUPPORTED}")
+
+
+def decode_key(data: bytes) -> KeyType:
+    """The key whose encoding is ``data`` (the inverse of ``encode_key``); ``ValueError`` if bad."""
+    key, end = _decode(data, 0, len(data))
+    if end != len(data):
+        raise ValueError(f"trailing bytes in encoded key {data[:40]!r}")
+    return key
+
+
+def _decode(data: bytes, start: int, end: int) -> tuple[KeyType, int]:
+    tag, body = data[start : start + 1], start + 1
+    if tag == b"s":
+        return data[body:end].decode("utf-8", "surrogatepass"), end
+    if tag == b"b":
+        return data[body:end], end
+    if tag == b"i":
+        return int(data[body:end]), end
+    if tag == b"f":
+        return float.fromhex(data[body:end].decode()), end
+    if tag in (b"T", b"F", b"N") and body == end:
+        return {b"T": True, b"F": False, b"N": None}[tag], end
+    if tag == b"t":
+        items: list[KeyType] = []
+        pos = body
+        while pos < end:
+            colon = data.index(b":", pos, end)
+            size = int(data[pos:colon])
+            item, _ = _decode(data, colon + 1, colon + 1 + size)
+            items.append(item)
+            pos = colon + 1 + size
+        if pos != end:
+            raise ValueError("malformed tuple key")
+        return tuple(items), end
+    raise ValueError(f"malformed encoded key {data[start:end][:40]!r}")
+
+
+def local_key(key: object, encoded: bytes) -> Hashable:
+    """The key of ``key`` in the local tier: a str stands for itself, anything else by encoding.
+
+    Keeping str keys as they are lets a local hit skip the encoding; other keys go by their
+    encoding so that ``1``, ``1.0`` and ``True`` (equal in a dict) stay distinct there too.
+    """
+    return key if type(key) is str else local_key_of(encoded)
+
+
+def local_key_of(encoded: bytes) -> Hashable:
+    """The local-tier key of an encoded key (invalidations carry the encoding)."""
+    if encoded[:1] == b"s":
+        return encoded[1:].decode("utf-8", "surrogatepass")
+    return encoded
+
+
+def _check_namespace(namespace: str) -> str:
+    if not namespace or not isinstance(namespace, str):
+        raise ValueError("namespace must be a non-empty str")
+    if any(c in namespace for c in "{}") or any(ord(c) < 32 for c in namespace):
+        raise ValueError(f"namespace must not contain braces or control characters: {namespace!r}")
+    return namespace
+
+
+_GLOB_SPECIALS = frozenset(b"*?[]\\")
+
+
+def escape_glob(raw: bytes) -> bytes:
+    """``raw`` with Redis glob characters escaped, for SCAN MATCH patterns."""
+    return b"".join(b"\\" + bytes([c]) if c in _GLOB_SPECIALS else bytes([c]) for c in raw)
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """The Redis key names of one namespace split into ``partitions`` hash slots."""
+
+    namespace: str = "tc"
+    partitions: int = 1
+
+    def __post_init__(self) -> None:
+        _check_namespace(self.namespace)
+        if self.partitions < 1:
+            raise ValueError("partitions must be >= 1")
+
+    def partition(self, encoded: bytes) -> int:
+        """The partition of an encoded key."""
+        return 0 if self.partitions == 1 else zlib.crc32(encoded) % self.partitions
+
+    def prefix(self, partition: int) -> bytes:
+        """``ns:{ns:p}:``, the prefix of every key of a partition."""
+        ns = self.namespace
+        return f"{ns}:{{{ns}:{partition}}}:".encode()
+
+    def value(self, encoded: bytes) -> bytes:
+        """The value key of an encoded key."""
+        return self.prefix(self.partition(encoded)) + b"v:" + encoded
+
+    def entry_keys(self, encoded: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+        """(value, tombstone, lease, meta, log) keys of an encoded key, all in one slot."""
+        prefix = self.prefix(self.partition(encoded))
+        return (
+            prefix + b"v:" + encoded,
+            prefix + b"t:" + encoded,
+            prefix + b"l:" + encoded,
+            prefix + b"meta",
+            prefix + b"log",
+        )
+
+    def meta(self, partition: int) -> bytes:
+        """The sequence/epoch hash of a partition."""
+        return self.prefix(partition) + b"meta"
+
+    def log(self, partition: int) -> bytes:
+        """The invalidation log (a capped stream) of a partition."""
+        return self.prefix(partition) + b"log"
+
+    def channel(self, partition: int) -> bytes:
+        """The invalidation channel of a partition."""
+        return self.prefix(partition) + b"inv"
+
+    def value_pattern(self, partition: int) -> bytes:
+        """SCAN MATCH pattern of the value keys of a partition."""
+        return escape_glob(self.prefix(partition) + b"v:") + b"*"
+
+    def all_pattern(self, partition: int) -> bytes:
+        """SCAN MATCH pattern of every key of a partition."""
+        return escape_glob(self.prefix(partition)) + b"*"
+
+    def encoded_of_value_key(self, name: bytes) -> bytes:
+        """The encoded user key inside a value key name."""
+        return name[name.index(b"}:v:") + 4 :]

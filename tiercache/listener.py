@@ -1,0 +1,229 @@
+"""The invalidation listener of the sync driver: one named pub/sub connection in a daemon thread.
+
+It keeps the local tier honest. While it is subscribed, has replayed what it missed and hears its
+PINGs answered, it reports the channel healthy; on any trouble (an error, EOF, a PONG that does not
+come back within ``health_timeout``, a gap in a partition's sequence) it reports it unhealthy
+first, then recovers: resubscribe if the connection is gone, replay the missed messages from the
+log, or have the cache flush when the log no longer covers them, and only then report healthy.
+The decisions (what is a gap, what to replay) are tiercache.protocol's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import redis
+
+from .driver import SyncDriver
+from .protocol import Invalidation, SequenceTracker, Verdict, parse_message, replay_plan
+
+log = logging.getLogger("tiercache.listener")
+
+
+class ListenerHandler(Protocol):
+    """What the listener tells its cache."""
+
+    def on_unhealthy(self, reason: str) -> None:
+        """Stop serving from the local tier (called before anything else on trouble)."""
+
+    def on_healthy(self, recovered: bool) -> None:
+        """The channel is whole again: the local tier may serve (``recovered``: after trouble)."""
+
+    def apply(self, msg: Invalidation) -> None:
+        """Apply one invalidation (in sequence order)."""
+
+    def flush(self, reason: str) -> None:
+        """Messages were lost beyond what the log holds: forget the whole local tier."""
+
+
+class HealthCheckFailed(ConnectionError):
+    """A PING on the pub/sub connection got no PONG in time (a dead or half-open link)."""
+
+
+class Listener:
+    """Subscribes to the partitions' channels and feeds invalidations to a handler."""
+
+    def __init__(
+        self,
+        driver: SyncDriver,
+        handler: ListenerHandler,
+        *,
+        partitions: Sequence[int] = (0,),
+        health_interval: float = 1.0,
+        health_timeout: float = 1.0,
+        subscribe_timeout: float = 2.0,
+        max_backoff: float = 1.0,
+        name: str = "tiercache-listener",
+    ) -> None:
+        self._driver = driver
+        self._handler = handler
+        self._channels = {driver.keys.channel(p): p for p in partitions}
+        self._trackers = {p: SequenceTracker() for p in partitions}
+        self._health_interval = health_interval
+        self._health_timeout = health_timeout
+        self._subscribe_timeout = subscribe_timeout
+        self._max_backoff = max_backoff
+        self._name = name
+        self._stop = threading.Event()
+        self._healthy = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pubsub: Any = None
+        self._synced_once = False
+        self.malformed = 0
+        self.gaps = 0
+        self.disconnects = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread and close its connection, waiting at most ``timeout`` seconds."""
+        self._stop.set()
+        self._healthy.clear()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the channel is whole (subscribed, synced, answering)."""
+        return self._healthy.is_set()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait_healthy(self, timeout: float) -> bool:
+        """Block until healthy or ``timeout`` seconds pass; returns whether healthy."""
+        return self._healthy.wait(timeout)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.02
+        while not self._stop.is_set():
+            try:
+                self._session()
+                backoff = 0.02
+            except (redis.RedisError, OSError, ValueError) as err:
+                self.disconnects += 1
+                self._set_unhealthy(f"{type(err).__name__}: {err}")
+                log.debug("listener %s lost its channel: %r", self._name, err)
+            finally:
+                self._close_pubsub()
+            if self._stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, self._max_backoff)
+        self._close_pubsub()
+
+    def _session(self) -> None:
+        """One connection's life: subscribe, catch up, then pump messages until trouble."""
+        pubsub = self._pubsub = self._driver.pubsub(self._name)
+        pubsub.subscribe(*self._channels)
+        self._await_subscriptions(pubsub)
+        for partition in self._trackers:
+            self._catch_up(partition)
+        self._set_healthy()
+        self._pump(pubsub)
+
+    def _await_subscriptions(self, pubsub: Any) -> None:
+        pending = set(self._channels)
+        deadline = time.monotonic() + self._subscribe_timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise redis.TimeoutError("no subscription acknowledgement in time")
+            msg = pubsub.get_message(timeout=min(left, 0.1))
+            if msg is None:
+                continue
+            if msg["type"] == "subscribe":
+                pending.discard(msg["channel"])
+            elif msg["type"] == "message":  # possible before the last ack (redis#13645)
+                self._on_message(msg)
+
+    def _pump(self, pubsub: Any) -> None:
+        last_ping = time.monotonic()
+        pong_due: float | None = None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            wait = (pong_due if pong_due is not None else last_ping + self._health_interval) - now
+            msg = pubsub.get_message(timeout=max(0.0, min(wait, 0.1)))
+            if msg is not None:
+                kind = msg["type"]
+                if kind == "message":
+                    self._on_message(msg)
+                elif kind == "pong":
+                    pong_due = None
+            now = time.monotonic()
+            if pong_due is not None and now > pong_due:
+                raise HealthCheckFailed(f"no PONG within {self._health_timeout}s")
+            if pong_due is None and now - last_ping >= self._health_interval:
+                pubsub.ping()
+                last_ping = now
+                pong_due = now + self._health_timeout
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        partition = self._channels.get(msg["channel"])
+        if partition is None:
+            return
+        try:
+            inv = parse_message(msg["data"])
+        except ValueError:
+            # Dropped, not fatal: if it hid a genuine message, the next one shows the gap.
+            self.malformed += 1
+            return
+        verdict = self._trackers[partition].classify(inv)
+        if verdict is Verdict.APPLY:
+            self._handler.apply(inv)
+        elif verdict is not Verdict.STALE:
+            self.gaps += 1
+            self._set_unhealthy(f"{verdict.value} in partition {partition}")
+            self._catch_up(partition)
+            self._set_healthy()
+
+    def _catch_up(self, partition: int) -> None:
+        """Bring one partition up to its counter: replay from the log, else have the cache flush."""
+        tracker = self._trackers[partition]
+        epoch, seq = self._driver.position(partition)
+        plan: list[Invalidation] | None = []
+        if not (tracker.epoch == epoch and tracker.seq == seq):
+            logged = self._driver.logged_since(partition, tracker.seq) if epoch is not None else []
+            plan = replay_plan(tracker, epoch, seq, logged)
+        if plan is None:
+            if self._synced_once:  # before the first sync nothing local exists to flush
+                self._handler.flush(f"partition {partition}: messages lost beyond the log")
+        else:
+            for inv in plan:
+                self._handler.apply(inv)
+        tracker.position(epoch, seq)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _set_unhealthy(self, reason: str) -> None:
+        if self._healthy.is_set() or not self._synced_once:
+            self._healthy.clear()
+            self._handler.on_unhealthy(reason)
+
+    def _set_healthy(self) -> None:
+        if not self._healthy.is_set() and not self._stop.is_set():
+            self._handler.on_healthy(recovered=self._synced_once)
+            self._synced_once = True
+            self._healthy.set()
+
+    def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:  # closing a broken connection may fail; nothing to recover
+                pass

@@ -1,0 +1,238 @@
+"""The coherence protocol's decisions, with no I/O: versions, invalidation messages, sequence gaps
+and which values may enter the local tier. The sync and async drivers share all of it.
+
+Versions. A version is an integer below 2**53 (Lua reads it as a double), strictly increasing per
+key: microseconds of Redis server time (this process measures the offset of its own clock at
+connect), or one more than the newest version this process has seen, whichever is larger. The
+write script accepts a proposed version only if it is above both the stored value's and the
+tombstone's, else it answers the current version and the writer proposes again. Because the
+clock part follows wall time, versions stay monotone across a Redis restart with an empty
+dataset, FLUSHALL and eviction: a new write after the loss is numbered by the clock, which has
+moved past every version issued before (a bare INCR counter would start again at 1).
+
+Invalidations. Every write, delete or clear publishes, from the same Lua script and after the
+change is applied, ``TC1 <epoch> <seq> <version> <origin> <op>\\n<encoded key>``. ``seq`` counts
+the messages of one partition; ``epoch`` names the counter's life (Redis time when it started at
+1), so a counter that restarted after data loss is told apart from an old one. The same message is
+appended to a capped stream, from which a listener replays what it missed.
+
+A listener keeps, per partition, the position (epoch, seq) it has applied up to; the next message
+is applied only if it is the next number. Anything else (a gap, a new epoch, a lost connection, a
+missed PONG) means messages may have been lost: the local tier stops serving until the missed
+messages are replayed from the log, or, when the log no longer covers the gap, it is flushed.
+
+Local fills. A value read from Redis (or loaded from the origin) is installed in the local tier
+only if no invalidation of a newer version of that key was applied since the read began:
+``FillGuard`` keeps a bounded map of the newest version invalidated per key and a generation
+counter; a read takes a ticket (the generation) before it starts and presents it to install.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from .envelope import VERSION_LIMIT
+
+MESSAGE_TAG = b"TC1"
+MAX_MESSAGE_BYTES = 1 << 20
+OP_SET = "S"
+OP_DELETE = "D"
+OP_CLEAR = "C"
+OPS = frozenset((OP_SET, OP_DELETE, OP_CLEAR))
+
+
+class VersionClock:
+    """Issues versions: Redis-calibrated microseconds, strictly increasing in this process."""
+
+    def __init__(self, wall_ns: Callable[[], int] = time.time_ns) -> None:
+        self._wall_ns = wall_ns
+        self._offset_us = 0
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def calibrate(self, server_us: int, sent_ns: int, received_ns: int) -> None:
+        """Align with Redis ``TIME`` (``server_us``) read between two local clock readings."""
+        self._offset_us = server_us - (sent_ns + received_ns) // 2000
+
+    def now_us(self) -> int:
+        """Redis time in microseconds, as estimated from the local clock."""
+        return self._wall_ns() // 1000 + self._offset_us
+
+    def next(self, after: int = 0) -> int:
+        """A new version above ``after`` and above every version this clock issued or saw."""
+        with self._lock:
+            version = max(self.now_us(), self._last + 1, after + 1)
+            if version >= VERSION_LIMIT:
+                raise OverflowError("version space exhausted")
+            self._last = version
+            return version
+
+    def observe(self, version: int) -> None:
+        """Note a version issued elsewhere, so the next one issued here is above it."""
+        with self._lock:
+            if version > self._last:
+                self._last = version
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """One invalidation message."""
+
+    epoch: int
+    seq: int
+    version: int
+    origin: str
+    op: str
+    key: bytes  # the encoded key; empty for a clear
+
+
+def format_message(epoch: int, seq: int, version: int, origin: str, op: str, key: bytes) -> bytes:
+    """The message bytes the Lua scripts publish (used by tests and tools)."""
+    return b"%s %d %d %d %s %s\n%s" % (
+        MESSAGE_TAG,
+        epoch,
+        seq,
+        version,
+        origin.encode(),
+        op.encode(),
+        key,
+    )
+
+
+def parse_message(data: bytes) -> Invalidation:
+    """The invalidation in ``data``; ``ValueError`` for anything malformed."""
+    if not isinstance(data, bytes) or len(data) > MAX_MESSAGE_BYTES:
+        raise ValueError("invalidation message of the wrong type or too large")
+    head, sep, key = data.partition(b"\n")
+    fields = head.split(b" ")
+    if not sep or len(fields) != 6 or fields[0] != MESSAGE_TAG:
+        raise ValueError("malformed invalidation message")
+    try:
+        epoch, seq, version = int(fields[1]), int(fields[2]), int(fields[3])
+        origin, op = fields[4].decode("ascii"), fields[5].decode("ascii")
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError("malformed invalidation message") from err
+    if op not in OPS or seq < 1 or epoch < 0 or not 0 <= version < VERSION_LIMIT:
+        raise ValueError("invalidation message with invalid fields")
+    if (op == OP_CLEAR) != (not key):
+        raise ValueError("invalidation message with a missing or unexpected key")
+    return Invalidation(epoch, seq, version, origin, op, key)
+
+
+class Verdict(enum.Enum):
+    """What to do with a message, given the position of its partition."""
+
+    APPLY = "apply"  # the next one: apply it and advance
+    STALE = "stale"  # already applied (a replay overlapping the subscription, a duplicate)
+    GAP = "gap"  # messages are missing: replay from the log
+    RESET = "reset"  # the counter restarted (data loss in Redis): flush
+
+
+class SequenceTracker:
+    """The (epoch, seq) a partition has been applied up to, and the verdict on new messages."""
+
+    __slots__ = ("epoch", "seq")
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None  # None: the counter did not exist when we synced
+        self.seq = 0
+
+    def position(self, epoch: int | None, seq: int) -> None:
+        """Set the position, after a resync."""
+        self.epoch, self.seq = epoch, seq
+
+    def classify(self, msg: Invalidation) -> Verdict:
+        """The verdict on ``msg``; an APPLY verdict also advances the position."""
+        if self.epoch is None:
+            if self.seq == 0 and msg.seq == 1:  # the first message of a brand-new counter
+                self.epoch, self.seq = msg.epoch, 1
+                return Verdict.APPLY
+            return Verdict.RESET
+        if msg.epoch < self.epoch:
+            return Verdict.STALE
+        if msg.epoch > self.epoch:
+            return Verdict.RESET
+        if msg.seq <= self.seq:
+            return Verdict.STALE
+        if msg.seq == self.seq + 1:
+            self.seq = msg.seq
+            return Verdict.APPLY
+        return Verdict.GAP
+
+
+def replay_plan(
+    tracker: SequenceTracker, epoch: int | None, seq: int, logged: list[Invalidation]
+) -> list[Invalidation] | None:
+    """The messages to apply to catch ``tracker`` up with the counter at (``epoch``, ``seq``).
+
+    ``logged`` is the log's content from newest to oldest (at least back to the tracker's
+    position, or all of it). Returns the messages in order, or None when the log does not cover
+    the gap (the caller flushes the local tier). Does not move the tracker.
+    """
+    if epoch is None:
+        return [] if tracker.epoch is None and tracker.seq == 0 else None
+    if tracker.epoch != epoch:
+        return None
+    if seq <= tracker.seq:
+        return []
+    wanted = [m for m in logged if m.epoch == epoch and tracker.seq < m.seq <= seq]
+    wanted.sort(key=lambda m: m.seq)
+    if [m.seq for m in wanted] != list(range(tracker.seq + 1, seq + 1)):
+        return None
+    return wanted
+
+
+class FillGuard:
+    """Whether a value read before now may still enter the local tier (see the module doc).
+
+    ``lock`` must be held across ``admit`` and the install it allows, and across ``observe`` and
+    the local drop that goes with it, so no invalidation slips between a check and its effect.
+    """
+
+    def __init__(self, max_keys: int = 65_536) -> None:
+        self.lock = threading.RLock()
+        self._max_keys = max_keys
+        self._gen = 0  # bumped by every invalidation and every loss of knowledge
+        self._floor = 0  # tickets older than this may have missed a forgotten invalidation
+        self._newest: OrderedDict[Hashable, int] = OrderedDict()
+
+    def ticket(self) -> int:
+        """Taken before a read of Redis (or a load) that may end in a local install."""
+        return self._gen
+
+    def observe(self, key: Hashable, version: int) -> None:
+        """Note that ``key`` changed at ``version`` (an invalidation or this process' write)."""
+        self._gen += 1
+        newest = self._newest
+        if version > newest.get(key, -1):
+            newest[key] = version
+        newest.move_to_end(key)
+        if len(newest) > self._max_keys:
+            newest.popitem(last=False)
+            self._floor = self._gen  # the forgotten key might be one a pending read needs
+
+    def forget_all(self) -> None:
+        """Drop all knowledge (the local tier was flushed): every pending read is refused."""
+        self._gen += 1
+        self._floor = self._gen
+        self._newest.clear()
+
+    def admit(self, ticket: int, key: Hashable, version: int) -> bool:
+        """Whether a value of ``version`` read under ``ticket`` may enter the local tier."""
+        if ticket == self._gen:
+            return True
+        if ticket < self._floor:
+            return False
+        return version >= self._newest.get(key, 0)
+
+    def newest(self, key: Hashable) -> int:
+        """The newest version known to be invalidated for ``key`` (0 if none remembered)."""
+        return self._newest.get(key, 0)
+
+    def __len__(self) -> int:
+        return len(self._newest)
