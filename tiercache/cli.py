@@ -92,10 +92,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = argparse.ArgumentParser(prog="tiercache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="show the local tier at work", description=demo_local.__doc__)
+    demo = commands.add_parser(
+        "demo",
+        help="several processes share a key space through their own TieredCache",
+        description="Start a private Redis and several worker processes; print hit ratios per "
+        "tier and invalidation lag live, then check the history for consistency.",
+    )
+    demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    demo.add_argument("--seconds", type=float, default=6.0, help="how long they run (default 6)")
+    demo.add_argument("--keys", type=int, default=2000, help="size of the key space")
+    demo.add_argument("--local", action="store_true", help="only the local-tier demo")
     args = parser.parse_args(argv)
     if args.command == "demo":
+        if args.local:
+            demo_local()
+            return 0
+        from .demo import run_demo
+
         demo_local()
+        print()
+        return 0 if run_demo(args.workers, args.seconds, args.keys) else 1
     return 0
 
 
