@@ -59,6 +59,8 @@ cdef enum:
     ADMIT_HASHDOS_THRESHOLD = 6
     DEPTH = 4  # rows of the frequency sketch
     MAX_COUNT = 15  # 4-bit counters
+    ROW_SPREAD = 4  # counters per row per unit of capacity
+    SAMPLE_FACTOR = 10  # counted increments per unit of capacity between two halvings
 
 # Segments an entry can be in (Entry.segment); NONE means not linked in any policy structure.
 cdef enum:
@@ -75,6 +77,10 @@ cdef uint64_t LOW32 = 0xFFFFFFFF
 cdef uint64_t MIX1 = 0xBF58476D1CE4E5B9
 cdef uint64_t MIX2 = 0x94D049BB133111EB
 cdef uint64_t XORSHIFT_STAR = 0x2545F4914F6CDD1D
+cdef uint64_t NIBBLE_LOW_BITS = 0x1111111111111111
+cdef uint64_t NIBBLE_HALF_MASK = 0x7777777777777777
+cdef uint64_t BYTE_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+cdef uint64_t BYTE_ONES = 0x0101010101010101
 MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -160,6 +166,7 @@ cdef class Entry:
     cdef uint64_t hash
     cdef unsigned long long heap_seq  # its item in the expiry heap (per-key TTLs), 0 if none
     cdef int segment
+    cdef unsigned int sketch_epoch  # the sketch's epoch in which its counters were all at max
     cdef FreqNode* freq
 
     def __repr__(self):
@@ -318,11 +325,32 @@ cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     return x ^ (x >> 31)
 
 
-cdef Py_ssize_t sketch_width(Py_ssize_t maxsize) noexcept:
-    cdef Py_ssize_t width = 16
-    while width < maxsize:
-        width <<= 1
-    return width
+cdef void clear_marks(Ring* r) noexcept:
+    """Forget the saturation marks (Entry.sketch_epoch) of the entries in ``r``."""
+    cdef Link* l = r.head.next
+    while l != &r.head:
+        (<Entry>l.owner).sketch_epoch = 0
+        l = l.next
+
+
+cdef inline Py_ssize_t odd_counters(uint64_t w) noexcept:
+    """How many of the sixteen 4-bit counters packed in ``w`` are odd."""
+    w &= NIBBLE_LOW_BITS
+    w = (w + (w >> 4)) & BYTE_LOW_NIBBLES  # per byte: its two counters' low bits summed
+    return <Py_ssize_t>((w * BYTE_ONES) >> 56)  # the top byte sums them all
+
+
+cdef Py_ssize_t sketch_capacity(Py_ssize_t maxsize) noexcept:
+    """The sketch's unit of size: the next power of two >= maxsize (at least 16)."""
+    cdef Py_ssize_t capacity = 16
+    while capacity < maxsize:
+        capacity <<= 1
+    return capacity
+
+
+cdef inline Py_ssize_t sketch_width(Py_ssize_t maxsize) noexcept:
+    """Counters per row: ``ROW_SPREAD`` per unit of capacity (a power of two)."""
+    return ROW_SPREAD * sketch_capacity(maxsize)
 
 
 @cython.final
@@ -333,10 +361,12 @@ cdef class _TinyLFU(_Policy):
     cdef Ring window, probation, protected
     cdef PyObject* candidate  # borrowed; cleared whenever it leaves probation
     cdef uint64_t rng
-    # The count-min frequency sketch (tiercache/_sketch.py is its Python twin).
-    cdef uint8_t* table
-    cdef uint64_t mask
-    cdef Py_ssize_t width, sample_size, additions
+    # The count-min frequency sketch (tiercache/_sketch.py is its Python twin): DEPTH rows of
+    # ``width`` 4-bit counters, row after row, sixteen to a 64-bit word.
+    cdef uint64_t* table
+    cdef uint64_t width, mask
+    cdef Py_ssize_t words, sample_size, additions
+    cdef unsigned int epoch  # halvings so far, plus one (0 never matches an entry's mark)
 
     def __cinit__(self, Py_ssize_t maxsize, uint64_t seed):
         self.window_cap = max(1, maxsize * WINDOW_PERCENT // 100)
@@ -351,40 +381,77 @@ cdef class _TinyLFU(_Policy):
             self.rng = 1
         self.width = sketch_width(maxsize)
         self.mask = self.width - 1
-        self.sample_size = 10 * max(maxsize, 1)
+        self.sample_size = SAMPLE_FACTOR * sketch_capacity(maxsize)
         self.additions = 0
-        self.table = <uint8_t*>PyMem_Malloc(DEPTH * self.width)
+        self.epoch = 1
+        self.words = DEPTH * self.width // 16
+        self.table = <uint64_t*>PyMem_Malloc(self.words * sizeof(uint64_t))
         if self.table == NULL:
             raise MemoryError()
-        memset(self.table, 0, DEPTH * self.width)
+        memset(self.table, 0, self.words * sizeof(uint64_t))
 
     def __dealloc__(self):
         PyMem_Free(self.table)
 
-    cdef inline uint64_t _index(self, uint64_t h, int i) noexcept:
+    cdef inline uint64_t _counter(self, uint64_t h, int i) noexcept:
+        """Where row ``i``'s counter of the key with spread hash ``h`` is, in the whole table."""
         return i * self.width + (((h & LOW32) + i * ((h >> 32) | 1)) & self.mask)
 
-    cdef int _frequency(self, uint64_t h) noexcept:
-        cdef int i, count, best = MAX_COUNT
-        for i in range(DEPTH):
-            count = self.table[self._index(h, i)]
-            if count < best:
-                best = count
-        return best
+    cdef inline int _count(self, uint64_t c) noexcept:
+        """The value of counter ``c`` (an index from ``_counter``)."""
+        return (self.table[c >> 4] >> ((c & 15) << 2)) & 15
 
-    cdef void _increment(self, uint64_t h) noexcept:
-        cdef int i
-        cdef uint64_t j
-        cdef Py_ssize_t k
+    cdef int _frequency(self, uint64_t h) noexcept:
+        cdef int i, count, low = MAX_COUNT
         for i in range(DEPTH):
-            j = self._index(h, i)
-            if self.table[j] < MAX_COUNT:
-                self.table[j] += 1
+            count = self._count(self._counter(h, i))
+            if count < low:
+                low = count
+        return low
+
+    cdef bint _increment(self, uint64_t h) noexcept:
+        """Count one access; True if every counter was already at its maximum (a no-op)."""
+        cdef uint64_t c[DEPTH]
+        cdef int counts[DEPTH]
+        cdef int i, low = MAX_COUNT
+        for i in range(DEPTH):
+            c[i] = self._counter(h, i)
+            counts[i] = self._count(c[i])
+            if counts[i] < low:
+                low = counts[i]
+        if low == MAX_COUNT:
+            return True  # saturated: not counted, so heavy hitters do not hasten the halving
+        for i in range(DEPTH):  # branch-free: which counters are at the minimum is random
+            self.table[c[i] >> 4] += (<uint64_t>(counts[i] == low)) << ((c[i] & 15) << 2)
         self.additions += 1
         if self.additions >= self.sample_size:
-            for k in range(DEPTH * self.width):
-                self.table[k] >>= 1
-            self.additions >>= 1
+            self._age()  # halve all counters once per sample
+        return False
+
+    cdef inline void _record(self, Entry e) noexcept:
+        """Count a use of ``e``, skipping the sketch while its counters are known saturated."""
+        # Counters only grow between two halvings, so once all of an entry's are at the maximum
+        # its increments are no-ops until the next halving: hot keys skip the table.
+        if e.sketch_epoch != self.epoch and self._increment(e.hash):
+            e.sketch_epoch = self.epoch
+
+    cdef void _age(self) noexcept:
+        """Halve every counter: old popularity fades."""
+        cdef Py_ssize_t k, odd = 0
+        cdef uint64_t w
+        for k in range(self.words):
+            w = self.table[k]
+            odd += odd_counters(w)  # halving loses half a count of odd ones
+            self.table[k] = (w >> 1) & NIBBLE_HALF_MASK
+        # Halved as the counters were, less the half count flooring took from each odd counter
+        # (an addition spans four counters), as Caffeine does.
+        self.additions = max(0, self.additions - odd // DEPTH) >> 1
+        self.epoch += 1
+        if self.epoch == 0:  # wrapped after 2**32 halvings: forget every mark
+            self.epoch = 1
+            clear_marks(&self.window)
+            clear_marks(&self.probation)
+            clear_marks(&self.protected)
 
     cdef uint64_t _random(self) noexcept:
         cdef uint64_t x = self.rng  # xorshift64*
@@ -401,7 +468,7 @@ cdef class _TinyLFU(_Policy):
 
     cdef int insert(self, Entry e) noexcept:
         cdef Entry cand
-        self._increment(e.hash)
+        self._record(e)
         e.segment = WINDOW
         ring_push_front(&self.window, &e.link)
         if self.window.size > self.window_cap:
@@ -414,8 +481,13 @@ cdef class _TinyLFU(_Policy):
         return 0
 
     cdef int touch(self, Entry e) except -1:
+        self.use(e)
+        return 0
+
+    cdef inline void use(self, Entry e) noexcept:
+        """``touch`` that cannot fail, for the cache's hit path to call directly."""
         cdef Entry demoted
-        self._increment(e.hash)
+        self._record(e)
         if e.segment == WINDOW:
             ring_move_front(&self.window, &e.link)
         elif e.segment == PROTECTED:
@@ -431,7 +503,6 @@ cdef class _TinyLFU(_Policy):
                 ring_push_front(&self.probation, &demoted.link)
             if <PyObject*>e == self.candidate:
                 self.candidate = NULL
-        return 0
 
     cdef void remove(self, Entry e) noexcept:
         ring_remove(self._ring(e), &e.link)
@@ -488,6 +559,7 @@ cdef class LocalCache:
     cdef dict _map
     cdef _Policy _policy
     cdef _LRU _lru  # the policy again when it is LRU (a typed alias for the hit path), else None
+    cdef _TinyLFU _tlfu  # likewise when it is W-TinyLFU
     cdef Py_ssize_t _maxsize
     cdef str _policy_name
     cdef double _ttl
@@ -559,6 +631,7 @@ cdef class LocalCache:
     cdef void _set_policy(self, _Policy policy) noexcept:
         self._policy = policy
         self._lru = policy if type(policy) is _LRU else None
+        self._tlfu = policy if type(policy) is _TinyLFU else None
 
     # -- the mutation flag --------------------------------------------------------------------
 
@@ -587,10 +660,15 @@ cdef class LocalCache:
 
     def __getitem__(self, key):
         cdef PyObject* p = dict_lookup(<PyObject*>self._map, <PyObject*>key)
-        # The common hit (LRU, no TTL) without reference counting of the entry.
+        # The common hit (LRU or W-TinyLFU, no TTL) without reference counting of the entry.
         if p != NULL and (<Entry>p).expires == INF and self._lru is not None:
             if (<Entry>p).link.prev != NULL:  # NULL: cleared mid-write, nothing to reorder
                 ring_move_front(&self._lru.ring, &(<Entry>p).link)
+            self._hits += 1
+            return (<Entry>p).value
+        if p != NULL and (<Entry>p).expires == INF and self._tlfu is not None:
+            if (<Entry>p).link.prev != NULL:
+                self._tlfu.use(<Entry>p)  # calls no Python code: the entry stays alive
             self._hits += 1
             return (<Entry>p).value
         return self._getitem_slow(key, p)
@@ -613,6 +691,11 @@ cdef class LocalCache:
         if p != NULL and (<Entry>p).expires == INF and self._lru is not None:
             if (<Entry>p).link.prev != NULL:
                 ring_move_front(&self._lru.ring, &(<Entry>p).link)
+            self._hits += 1
+            return (<Entry>p).value
+        if p != NULL and (<Entry>p).expires == INF and self._tlfu is not None:
+            if (<Entry>p).link.prev != NULL:
+                self._tlfu.use(<Entry>p)
             self._hits += 1
             return (<Entry>p).value
         cdef Entry e

@@ -72,6 +72,7 @@ class Entry:
         "next",
         "prev",
         "segment",
+        "sketch_epoch",
         "value",
         "version",
         "weight",
@@ -87,6 +88,7 @@ class Entry:
         self.hash = 0
         self.heap_seq = 0
         self.segment = NONE
+        self.sketch_epoch = 0  # the sketch's epoch in which its counters were all at max
         self.freq: _FreqNode | None = None
         self.prev: Any = None
         self.next: Any = None
@@ -263,8 +265,16 @@ class _TinyLFU:
         self.rng = x
         return (x * 0x2545F4914F6CDD1D) & MASK64
 
+    def _record(self, e: Entry) -> None:
+        """Count a use of ``e``, skipping the sketch while its counters are known saturated."""
+        # Counters only grow between two halvings, so once all of an entry's are at the maximum
+        # its increments are no-ops until the next halving: hot keys skip the table.
+        sketch = self.sketch
+        if e.sketch_epoch != sketch.epoch and sketch.increment(e.hash):
+            e.sketch_epoch = sketch.epoch
+
     def insert(self, e: Entry) -> None:
-        self.sketch.increment(e.hash)
+        self._record(e)
         e.segment = WINDOW
         self.window.push_front(e)
         if self.window.size > self.window_cap:
@@ -276,7 +286,7 @@ class _TinyLFU:
             self.candidate = cand
 
     def touch(self, e: Entry) -> None:
-        self.sketch.increment(e.hash)
+        self._record(e)
         seg = e.segment
         if seg == WINDOW:
             self.window.move_front(e)
