@@ -17,6 +17,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .envelope import FLAG_LEASE, FLAG_NOT_A_VALUE, FORMAT, HEADER, MAGIC
 from .keys import KeySpace
 from .protocol import Invalidation, parse_message
 
@@ -42,9 +43,17 @@ class WriteResult:
 class LeaseResult:
     """The reply of the lease script: a value that arrived, our lease, or someone else's."""
 
-    kind: str  # "v" value present, "l" lease taken, "w" another holder
-    envelope: bytes | None = None
-    wait_ms: int = 0
+    kind: str  # "v" value present, "l" lease taken, "w" another fill holds it
+    envelope: bytes | None = None  # "v": the value; "l": our lease as stored
+    wait_ms: int = 0  # "w": how long the other lease has left
+    version: int = 0  # "l": the version the key had (0 if nothing, else a tombstone's)
+
+
+def lease_envelope(token: bytes, version: int) -> bytes:
+    """A fill lease as stored in the entry key: LEASE flag, ``version``, the token as payload."""
+    header = bytearray(HEADER.pack(MAGIC, FORMAT, FLAG_LEASE, 0, 0, 0, 0.0, 0.0, 0.0))
+    header[6:14] = version.to_bytes(8, "big")
+    return bytes(header) + token
 
 
 def make_client(
@@ -71,7 +80,6 @@ class SyncDriver:
         self.keys = keys
         self.log_maxlen = log_maxlen
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPTS}
-        self._listener_pool: redis.ConnectionPool | None = None
 
     # -- values ---------------------------------------------------------------------------
 
@@ -87,81 +95,72 @@ class SyncDriver:
         envelope: bytes,
         *,
         ttl_ms: int,
-        tombstone_ttl_ms: int,
         origin: str,
     ) -> WriteResult:
-        """Apply a set ("S") or delete ("D") of ``encoded`` at ``version`` and announce it."""
-        value, tomb, lease, meta, log = self.keys.entry_keys(encoded)
-        partition = self.keys.partition(encoded)
-        reply = self._scripts["write"](
-            keys=[meta, log, value, tomb, lease],
-            args=[
-                op,
-                str(version),
-                envelope,
-                ttl_ms,
-                tombstone_ttl_ms,
-                origin,
-                self.keys.channel(partition),
-                self.log_maxlen,
-                encoded,
-            ],
+        """Store the envelope of a set ("S") or delete ("D") at ``version`` and announce it."""
+        counter, log, entry = self.keys.script_keys(encoded)
+        return _write_result(
+            self._scripts["write"](
+                keys=[counter, log, entry],
+                args=[
+                    op,
+                    version,
+                    envelope,
+                    ttl_ms,
+                    origin,
+                    self.keys.channel(self.keys.partition(encoded)),
+                    self.log_maxlen,
+                    encoded,
+                ],
+            )
         )
-        return _write_result(reply)
 
     def announce_clear(self, partition: int, version: int, origin: str) -> WriteResult:
-        """Publish a clear of the whole partition (its keys were already unlinked)."""
-        reply = self._scripts["write"](
-            keys=[self.keys.meta(partition), self.keys.log(partition)],
-            args=[
-                "C",
-                str(version),
-                b"",
-                0,
-                0,
-                origin,
-                self.keys.channel(partition),
-                self.log_maxlen,
-                b"",
-            ],
+        """Publish a clear of the whole partition (its entries were already unlinked)."""
+        return _write_result(
+            self._scripts["write"](
+                keys=[self.keys.counter(partition), self.keys.log(partition)],
+                args=[
+                    "C",
+                    version,
+                    b"",
+                    0,
+                    origin,
+                    self.keys.channel(partition),
+                    self.log_maxlen,
+                    b"",
+                ],
+            )
         )
-        return _write_result(reply)
 
-    def lease(self, encoded: bytes, token: str, ttl_ms: int) -> LeaseResult:
-        """Take the fill lease of ``encoded`` unless a value is there or someone holds it."""
-        value, _, lease, _, _ = self.keys.entry_keys(encoded)
-        reply = self._scripts["lease"](keys=[value, lease], args=[token, ttl_ms])
+    def lease(self, encoded: bytes, token: bytes, ttl_ms: int) -> LeaseResult:
+        """Take the fill lease of ``encoded`` unless a value is there or another fill holds it."""
+        template = lease_envelope(token, 0)
+        reply = self._scripts["lease"](keys=[self.keys.value(encoded)], args=[template, ttl_ms])
         kind = reply[0].decode()
         if kind == "v":
             return LeaseResult("v", envelope=reply[1])
         if kind == "w":
             return LeaseResult("w", wait_ms=max(0, int(reply[1])))
-        return LeaseResult("l")
+        version = int(reply[1])
+        return LeaseResult("l", envelope=lease_envelope(token, version), version=version)
 
-    def fill(
-        self, encoded: bytes, token: str, version: int, envelope: bytes, ttl_ms: int
-    ) -> WriteResult:
-        """Store a loaded value if the lease ``token`` still holds (compare-and-set)."""
-        value, tomb, lease, _, _ = self.keys.entry_keys(encoded)
+    def fill(self, encoded: bytes, lease: bytes, envelope: bytes, ttl_ms: int) -> bool:
+        """Store a loaded value if our lease is still in the key (compare-and-set)."""
         reply = self._scripts["fill"](
-            keys=[value, tomb, lease], args=[token, str(version), envelope, ttl_ms]
+            keys=[self.keys.value(encoded)], args=[lease, envelope, ttl_ms]
         )
-        if int(reply[0]) == 1:
-            return WriteResult(True, int(reply[1]))
-        current = reply[1]
-        return WriteResult(False, 0 if current == b"lease" else int(current))
+        return int(reply) == 1
 
-    def release(self, encoded: bytes, token: str) -> None:
-        """Give up the fill lease of ``encoded`` if it is still ours."""
-        _, _, lease, _, _ = self.keys.entry_keys(encoded)
-        self._scripts["release"](keys=[lease], args=[token])
+    def release(self, encoded: bytes, lease: bytes) -> None:
+        """Give up our fill lease of ``encoded`` if it is still there."""
+        self._scripts["release"](keys=[self.keys.value(encoded)], args=[lease])
 
     # -- the invalidation stream ------------------------------------------------------------
 
-    def position(self, partition: int) -> tuple[int | None, int]:
-        """The partition's counter: (epoch or None if it does not exist, seq)."""
-        epoch, seq = self.client.hmget(self.keys.meta(partition), "epoch", "seq")
-        return (int(epoch) if epoch else None), (int(seq) if seq else 0)
+    def position(self, partition: int) -> int:
+        """The partition's counter (0 if it does not exist)."""
+        return int(self.client.get(self.keys.counter(partition)) or 0)
 
     def logged_since(self, partition: int, seq: int, batch: int = 500) -> list[Invalidation]:
         """Logged messages, newest first, back to one numbered ``seq`` or the log's start."""
@@ -181,28 +180,22 @@ class SyncDriver:
                 return out
             end = b"(" + entries[-1][0]
 
-    def pubsub(self, client_name: str | None = None) -> Any:
-        """A pub/sub object on its own connection, named ``client_name`` (CLIENT LIST shows it).
+    def listener_connection(self, client_name: str) -> Any:
+        """A new connection for the listener, named ``client_name`` (CLIENT LIST shows it).
 
-        The connection takes the client's settings (AUTH, TLS, timeouts) from its pool.
+        It takes the client's settings (AUTH, TLS, timeouts) from its pool; the listener speaks
+        pub/sub on it directly (no PubSub object: less work per message, see listener.py).
         """
-        if self._listener_pool is None:
-            pool = self.client.connection_pool
-            kwargs = dict(pool.connection_kwargs)
-            if client_name:
-                kwargs["client_name"] = client_name
-            self._listener_pool = redis.ConnectionPool(
-                connection_class=pool.connection_class, max_connections=2, **kwargs
-            )
-        return redis.Redis(connection_pool=self._listener_pool).pubsub(
-            ignore_subscribe_messages=False
-        )
+        pool = self.client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["client_name"] = client_name
+        kwargs["protocol"] = 2  # pub/sub messages as plain arrays, whatever the client speaks
+        conn = pool.connection_class(**kwargs)
+        conn.connect()
+        return conn
 
     def close(self) -> None:
-        """Close the listener's pool (the client belongs to whoever made it)."""
-        pool, self._listener_pool = self._listener_pool, None
-        if pool is not None:
-            pool.disconnect()
+        """Nothing of its own to close (the client belongs to whoever made it)."""
 
     def server_time(self) -> tuple[int, int, int]:
         """(Redis TIME in µs, local ns before, local ns after), to calibrate the version clock."""
@@ -213,12 +206,34 @@ class SyncDriver:
     # -- the namespace ------------------------------------------------------------------------
 
     def scan_values(self, partition: int, count: int = 1000) -> Iterator[bytes]:
-        """Names of the value keys of a partition (SCAN: each present key at least once)."""
-        yield from self.client.scan_iter(match=self.keys.value_pattern(partition), count=count)
+        """Names of the entry keys of a partition that hold a value (not a tombstone or a lease).
+
+        SCAN-based: each key present throughout is named at least once (maybe twice).
+        """
+        names: list[bytes] = []
+        for name in self.client.scan_iter(match=self.keys.value_pattern(partition), count=count):
+            names.append(name)
+            if len(names) >= count:
+                yield from self._holding_values(names)
+                names = []
+        yield from self._holding_values(names)
+
+    def _holding_values(self, names: list[bytes]) -> list[bytes]:
+        if not names:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.getrange(name, 0, 5)
+        heads = pipe.execute()
+        return [name for name, head in zip(names, heads, strict=True) if is_value_head(head)]
+
+    def has_value(self, encoded: bytes) -> bool:
+        """Whether the entry key of ``encoded`` holds a value."""
+        return is_value_head(self.client.getrange(self.keys.value(encoded), 0, 5))
 
     def unlink_partition(self, partition: int, batch: int = 500) -> int:
         """Unlink every key of a partition except its counter and log; returns how many."""
-        keep = {self.keys.meta(partition), self.keys.log(partition)}
+        keep = {self.keys.counter(partition), self.keys.log(partition)}
         removed = 0
         names: list[bytes] = []
         for name in self.client.scan_iter(match=self.keys.all_pattern(partition), count=1000):
@@ -231,6 +246,11 @@ class SyncDriver:
         if names:
             removed += self.client.unlink(*names)
         return removed
+
+
+def is_value_head(head: bytes) -> bool:
+    """Whether the first bytes of an entry show a value (not a tombstone, lease or foreign data)."""
+    return len(head) >= 4 and head[:2] == MAGIC and not head[3] & FLAG_NOT_A_VALUE
 
 
 def _write_result(reply: list[Any]) -> WriteResult:

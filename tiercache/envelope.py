@@ -6,7 +6,9 @@ Layout (big-endian), version 1::
     0      2     magic b"TC"
     2      1     format version (1)
     3      1     flags: bit 0 ABSENT (a cached "the origin has no such key"), bits 1-2 the
-                 compression method (0 none, 1 zlib, 2 lz4)
+                 compression method (0 none, 1 zlib, 2 lz4), bit 3 TOMBSTONE (the key was
+                 deleted at this version), bit 4 LEASE (a fill is in progress: the payload is
+                 the lease token; the version is the one the key had before)
     4      1     codec id (tiercache.codec)
     5      1     signature length (0, or 32 for HMAC-SHA256)
     6      8     version: unsigned, < 2**53 so that Lua (doubles) reads it exactly
@@ -17,7 +19,9 @@ Layout (big-endian), version 1::
     34     n     signature (n = signature length)
     34+n   ...   payload
 
-The Lua scripts read the version at bytes 7..14 (1-based): keep them in step with this module.
+One Redis key holds a key's value, or its tombstone, or the lease of a fill in progress: a write
+overwrites whichever is there, which is what invalidates a pending fill. The Lua scripts read the
+flags at byte 4 and the version at bytes 7..14 (1-based): keep them in step with this module.
 No I/O here.
 """
 
@@ -35,6 +39,9 @@ VERSION_LIMIT = 1 << 53
 FLAG_ABSENT = 0x01
 COMPRESSION_SHIFT = 1
 COMPRESSION_MASK = 0x06
+FLAG_TOMBSTONE = 0x08
+FLAG_LEASE = 0x10
+FLAG_NOT_A_VALUE = FLAG_TOMBSTONE | FLAG_LEASE
 
 
 class EnvelopeError(ValueError):
@@ -58,6 +65,11 @@ class Envelope:
     def absent(self) -> bool:
         """Whether this caches the absence of the key in the origin."""
         return bool(self.flags & FLAG_ABSENT)
+
+    @property
+    def is_value(self) -> bool:
+        """Whether this holds a value (or a cached absence), not a tombstone or a fill lease."""
+        return not self.flags & FLAG_NOT_A_VALUE
 
     @property
     def compression(self) -> int:

@@ -6,13 +6,11 @@ one-byte type tag, so no two different keys share a Redis key: ``1``, ``1.0``, `
 and ``b"1"`` are five keys. Tuples are length-prefixed, so ``("a:b",)`` and ``("a", "b")`` differ.
 
 Redis layout of namespace ``ns``, partition ``p`` (one partition unless the store is a cluster,
-where each partition is one hash slot: a key's value, tombstone and fill lease share the slot of
-its partition's sequence counter and invalidation log, so one Lua script can touch them all)::
+where each partition is one hash slot: a key's entry shares the slot of its partition's sequence
+counter and invalidation log, so one Lua script can touch them all)::
 
-    ns:{ns:p}:v:<encoded key>   the value envelope
-    ns:{ns:p}:t:<encoded key>   the tombstone of a deleted key (its version), short-lived
-    ns:{ns:p}:l:<encoded key>   the fill lease of a key being loaded
-    ns:{ns:p}:meta              hash: seq (invalidation counter), epoch (when seq last restarted)
+    ns:{ns:p}:v:<encoded key>   the entry: a value, a tombstone or a fill lease (envelope.py)
+    ns:{ns:p}:seq               the partition's invalidation counter
     ns:{ns:p}:log               stream: the recent invalidation messages, for replay after a gap
     ns:{ns:p}:inv               the pub/sub channel of invalidations
 """
@@ -146,6 +144,9 @@ class KeySpace:
         _check_namespace(self.namespace)
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        ns = self.namespace
+        prefixes = tuple(f"{ns}:{{{ns}:{p}}}:".encode() for p in range(self.partitions))
+        object.__setattr__(self, "_prefixes", prefixes)
 
     def partition(self, encoded: bytes) -> int:
         """The partition of an encoded key."""
@@ -153,27 +154,20 @@ class KeySpace:
 
     def prefix(self, partition: int) -> bytes:
         """``ns:{ns:p}:``, the prefix of every key of a partition."""
-        ns = self.namespace
-        return f"{ns}:{{{ns}:{partition}}}:".encode()
+        return self._prefixes[partition]  # type: ignore[attr-defined,no-any-return]
 
     def value(self, encoded: bytes) -> bytes:
         """The value key of an encoded key."""
         return self.prefix(self.partition(encoded)) + b"v:" + encoded
 
-    def entry_keys(self, encoded: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
-        """(value, tombstone, lease, meta, log) keys of an encoded key, all in one slot."""
+    def script_keys(self, encoded: bytes) -> tuple[bytes, bytes, bytes]:
+        """(counter, log, entry) keys of an encoded key, all in one slot."""
         prefix = self.prefix(self.partition(encoded))
-        return (
-            prefix + b"v:" + encoded,
-            prefix + b"t:" + encoded,
-            prefix + b"l:" + encoded,
-            prefix + b"meta",
-            prefix + b"log",
-        )
+        return prefix + b"seq", prefix + b"log", prefix + b"v:" + encoded
 
-    def meta(self, partition: int) -> bytes:
-        """The sequence/epoch hash of a partition."""
-        return self.prefix(partition) + b"meta"
+    def counter(self, partition: int) -> bytes:
+        """The invalidation counter of a partition."""
+        return self.prefix(partition) + b"seq"
 
     def log(self, partition: int) -> bytes:
         """The invalidation log (a capped stream) of a partition."""

@@ -71,7 +71,7 @@ class Listener:
         self._stop = threading.Event()
         self._healthy = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pubsub: Any = None
+        self._conn: Any = None
         self._synced_once = False
         self.malformed = 0
         self.gaps = 0
@@ -120,64 +120,64 @@ class Listener:
                 self._set_unhealthy(f"{type(err).__name__}: {err}")
                 log.debug("listener %s lost its channel: %r", self._name, err)
             finally:
-                self._close_pubsub()
+                self._close_connection()
             if self._stop.wait(backoff):
                 break
             backoff = min(backoff * 2, self._max_backoff)
-        self._close_pubsub()
+        self._close_connection()
 
     def _session(self) -> None:
         """One connection's life: subscribe, catch up, then pump messages until trouble."""
-        pubsub = self._pubsub = self._driver.pubsub(self._name)
-        pubsub.subscribe(*self._channels)
-        self._await_subscriptions(pubsub)
+        conn = self._conn = self._driver.listener_connection(self._name)
+        conn.send_command("SUBSCRIBE", *self._channels)
+        self._await_subscriptions(conn)
         for partition in self._trackers:
             self._catch_up(partition)
         self._set_healthy()
-        self._pump(pubsub)
+        self._pump(conn)
 
-    def _await_subscriptions(self, pubsub: Any) -> None:
+    def _await_subscriptions(self, conn: Any) -> None:
         pending = set(self._channels)
         deadline = time.monotonic() + self._subscribe_timeout
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise redis.TimeoutError("no subscription acknowledgement in time")
-            msg = pubsub.get_message(timeout=min(left, 0.1))
-            if msg is None:
+            if not conn.can_read(timeout=min(left, 0.1)):
                 continue
-            if msg["type"] == "subscribe":
-                pending.discard(msg["channel"])
-            elif msg["type"] == "message":  # possible before the last ack (redis#13645)
-                self._on_message(msg)
+            reply = conn.read_response()
+            if reply[0] == b"subscribe":
+                pending.discard(reply[1])
+            elif reply[0] == b"message":  # possible before the last ack (redis#13645)
+                self._on_message(reply[1], reply[2])
 
-    def _pump(self, pubsub: Any) -> None:
+    def _pump(self, conn: Any) -> None:
         last_ping = time.monotonic()
         pong_due: float | None = None
         while not self._stop.is_set():
             now = time.monotonic()
             wait = (pong_due if pong_due is not None else last_ping + self._health_interval) - now
-            msg = pubsub.get_message(timeout=max(0.0, min(wait, 0.1)))
-            if msg is not None:
-                kind = msg["type"]
-                if kind == "message":
-                    self._on_message(msg)
-                elif kind == "pong":
+            if conn.can_read(timeout=max(0.0, min(wait, 0.1))):
+                reply = conn.read_response()
+                kind = reply[0]
+                if kind == b"message":
+                    self._on_message(reply[1], reply[2])
+                elif kind == b"pong":
                     pong_due = None
             now = time.monotonic()
             if pong_due is not None and now > pong_due:
                 raise HealthCheckFailed(f"no PONG within {self._health_timeout}s")
             if pong_due is None and now - last_ping >= self._health_interval:
-                pubsub.ping()
+                conn.send_command("PING")
                 last_ping = now
                 pong_due = now + self._health_timeout
 
-    def _on_message(self, msg: dict[str, Any]) -> None:
-        partition = self._channels.get(msg["channel"])
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        partition = self._channels.get(channel)
         if partition is None:
             return
         try:
-            inv = parse_message(msg["data"])
+            inv = parse_message(data)
         except ValueError:
             # Dropped, not fatal: if it hid a genuine message, the next one shows the gap.
             self.malformed += 1
@@ -194,18 +194,18 @@ class Listener:
     def _catch_up(self, partition: int) -> None:
         """Bring one partition up to its counter: replay from the log, else have the cache flush."""
         tracker = self._trackers[partition]
-        epoch, seq = self._driver.position(partition)
+        current = self._driver.position(partition)
         plan: list[Invalidation] | None = []
-        if not (tracker.epoch == epoch and tracker.seq == seq):
-            logged = self._driver.logged_since(partition, tracker.seq) if epoch is not None else []
-            plan = replay_plan(tracker, epoch, seq, logged)
+        if current != tracker.seq:
+            logged = self._driver.logged_since(partition, tracker.seq) if current else []
+            plan = replay_plan(tracker.seq, current, logged)
         if plan is None:
             if self._synced_once:  # before the first sync nothing local exists to flush
                 self._handler.flush(f"partition {partition}: messages lost beyond the log")
         else:
             for inv in plan:
                 self._handler.apply(inv)
-        tracker.position(epoch, seq)
+        tracker.seq = current
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -220,10 +220,10 @@ class Listener:
             self._synced_once = True
             self._healthy.set()
 
-    def _close_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
             try:
-                pubsub.close()
+                conn.disconnect()
             except Exception:  # closing a broken connection may fail; nothing to recover
                 pass

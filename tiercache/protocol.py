@@ -11,15 +11,17 @@ dataset, FLUSHALL and eviction: a new write after the loss is numbered by the cl
 moved past every version issued before (a bare INCR counter would start again at 1).
 
 Invalidations. Every write, delete or clear publishes, from the same Lua script and after the
-change is applied, ``TC1 <epoch> <seq> <version> <origin> <op>\\n<encoded key>``. ``seq`` counts
-the messages of one partition; ``epoch`` names the counter's life (Redis time when it started at
-1), so a counter that restarted after data loss is told apart from an old one. The same message is
-appended to a capped stream, from which a listener replays what it missed.
+change is applied, ``TC1 <seq> <start> <version> <origin> <op>\n<encoded key>``. ``seq`` numbers
+the messages of one partition, one by one. When the counter is lost with the data it restarts at
+the current time in microseconds (above every number it gave before) and that first message says
+``start = R`` (else ``+``). The same message is appended to a capped stream, from which a listener
+replays what it missed.
 
-A listener keeps, per partition, the position (epoch, seq) it has applied up to; the next message
-is applied only if it is the next number. Anything else (a gap, a new epoch, a lost connection, a
-missed PONG) means messages may have been lost: the local tier stops serving until the missed
-messages are replayed from the log, or, when the log no longer covers the gap, it is flushed.
+A listener keeps, per partition, the number it has applied up to; the next message is applied only
+if it is the next number (or starts a counter the listener saw nothing of). Anything else (a gap,
+a restarted counter, a lost connection, a missed PONG) means messages may have been lost: the
+local tier stops serving until the missed messages are replayed from the log, or, when the log no
+longer covers the gap, it is flushed.
 
 Local fills. A value read from Redis (or loaded from the origin) is installed in the local tier
 only if no invalidation of a newer version of that key was applied since the read began:
@@ -83,20 +85,22 @@ class VersionClock:
 class Invalidation:
     """One invalidation message."""
 
-    epoch: int
     seq: int
+    restart: bool  # the first message of a (re)started counter
     version: int
     origin: str
     op: str
     key: bytes  # the encoded key; empty for a clear
 
 
-def format_message(epoch: int, seq: int, version: int, origin: str, op: str, key: bytes) -> bytes:
-    """The message bytes the Lua scripts publish (used by tests and tools)."""
-    return b"%s %d %d %d %s %s\n%s" % (
+def format_message(
+    seq: int, version: int, origin: str, op: str, key: bytes, restart: bool = False
+) -> bytes:
+    """The message bytes the write script publishes (for tests and tools)."""
+    return b"%s %d %s %d %s %s\n%s" % (
         MESSAGE_TAG,
-        epoch,
         seq,
+        b"R" if restart else b"+",
         version,
         origin.encode(),
         op.encode(),
@@ -110,18 +114,18 @@ def parse_message(data: bytes) -> Invalidation:
         raise ValueError("invalidation message of the wrong type or too large")
     head, sep, key = data.partition(b"\n")
     fields = head.split(b" ")
-    if not sep or len(fields) != 6 or fields[0] != MESSAGE_TAG:
+    if not sep or len(fields) != 6 or fields[0] != MESSAGE_TAG or fields[2] not in (b"R", b"+"):
         raise ValueError("malformed invalidation message")
     try:
-        epoch, seq, version = int(fields[1]), int(fields[2]), int(fields[3])
+        seq, version = int(fields[1]), int(fields[3])
         origin, op = fields[4].decode("ascii"), fields[5].decode("ascii")
     except (UnicodeDecodeError, ValueError) as err:
         raise ValueError("malformed invalidation message") from err
-    if op not in OPS or seq < 1 or epoch < 0 or not 0 <= version < VERSION_LIMIT:
+    if op not in OPS or not 0 < seq < VERSION_LIMIT or not 0 <= version < VERSION_LIMIT:
         raise ValueError("invalidation message with invalid fields")
     if (op == OP_CLEAR) != (not key):
         raise ValueError("invalidation message with a missing or unexpected key")
-    return Invalidation(epoch, seq, version, origin, op, key)
+    return Invalidation(seq, fields[2] == b"R", version, origin, op, key)
 
 
 class Verdict(enum.Enum):
@@ -129,62 +133,53 @@ class Verdict(enum.Enum):
 
     APPLY = "apply"  # the next one: apply it and advance
     STALE = "stale"  # already applied (a replay overlapping the subscription, a duplicate)
-    GAP = "gap"  # messages are missing: replay from the log
-    RESET = "reset"  # the counter restarted (data loss in Redis): flush
+    GAP = "gap"  # messages may be missing: catch up from the log, or flush
 
 
 class SequenceTracker:
-    """The (epoch, seq) a partition has been applied up to, and the verdict on new messages."""
+    """The number a partition has been applied up to, and the verdict on new messages."""
 
-    __slots__ = ("epoch", "seq")
+    __slots__ = ("seq",)
 
     def __init__(self) -> None:
-        self.epoch: int | None = None  # None: the counter did not exist when we synced
-        self.seq = 0
+        self.seq = 0  # 0: the counter did not exist when we synced
 
-    def position(self, epoch: int | None, seq: int) -> None:
-        """Set the position, after a resync."""
-        self.epoch, self.seq = epoch, seq
+    def follows(self, msg: Invalidation) -> bool:
+        """Whether ``msg`` comes right after the position."""
+        return msg.seq == self.seq + 1 if not msg.restart else self.seq == 0
 
     def classify(self, msg: Invalidation) -> Verdict:
         """The verdict on ``msg``; an APPLY verdict also advances the position."""
-        if self.epoch is None:
-            if self.seq == 0 and msg.seq == 1:  # the first message of a brand-new counter
-                self.epoch, self.seq = msg.epoch, 1
-                return Verdict.APPLY
-            return Verdict.RESET
-        if msg.epoch < self.epoch:
-            return Verdict.STALE
-        if msg.epoch > self.epoch:
-            return Verdict.RESET
-        if msg.seq <= self.seq:
-            return Verdict.STALE
-        if msg.seq == self.seq + 1:
+        if self.follows(msg):
             self.seq = msg.seq
             return Verdict.APPLY
+        if msg.seq <= self.seq:
+            return Verdict.STALE
         return Verdict.GAP
 
 
 def replay_plan(
-    tracker: SequenceTracker, epoch: int | None, seq: int, logged: list[Invalidation]
+    position: int, current: int, logged: list[Invalidation]
 ) -> list[Invalidation] | None:
-    """The messages to apply to catch ``tracker`` up with the counter at (``epoch``, ``seq``).
+    """The messages that lead from ``position`` to the counter's ``current`` number, in order.
 
-    ``logged`` is the log's content from newest to oldest (at least back to the tracker's
-    position, or all of it). Returns the messages in order, or None when the log does not cover
-    the gap (the caller flushes the local tier). Does not move the tracker.
+    ``logged`` is the log's content (any order, at least back to ``position`` or all of it).
+    Returns None when the log does not hold an unbroken chain (the caller flushes).
     """
-    if epoch is None:
-        return [] if tracker.epoch is None and tracker.seq == 0 else None
-    if tracker.epoch != epoch:
-        return None
-    if seq <= tracker.seq:
+    if current == position:
         return []
-    wanted = [m for m in logged if m.epoch == epoch and tracker.seq < m.seq <= seq]
-    wanted.sort(key=lambda m: m.seq)
-    if [m.seq for m in wanted] != list(range(tracker.seq + 1, seq + 1)):
-        return None
-    return wanted
+    if current < position:
+        return None  # the counter went back: it was lost and restarted lower (cannot happen)
+    tracker = SequenceTracker()
+    tracker.seq = position
+    plan = []
+    by_seq = {m.seq: m for m in logged if position < m.seq <= current}
+    for msg in sorted(by_seq.values(), key=lambda m: m.seq):
+        if not tracker.follows(msg):
+            return None
+        tracker.seq = msg.seq
+        plan.append(msg)
+    return plan if tracker.seq == current else None
 
 
 class FillGuard:

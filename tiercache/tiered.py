@@ -33,7 +33,7 @@ import redis as redis_lib
 from . import server as server_mod
 from .codec import Codec, resolve_codec
 from .driver import SyncDriver, make_client
-from .envelope import Envelope, EnvelopeError, unpack
+from .envelope import FLAG_TOMBSTONE, Envelope, EnvelopeError, unpack
 from .errors import CacheUnavailable
 from .keys import KeySpace, decode_key, encode_key, local_key, local_key_of
 from .listener import Listener
@@ -80,11 +80,12 @@ class _Counters:
             return dict(self._values)
 
 
-_live_caches: weakref.WeakSet[TieredCache] = weakref.WeakSet()
+# Keyed by id: a TieredCache compares by content, as a mapping does, so it is not hashable.
+_live_caches: weakref.WeakValueDictionary[int, TieredCache] = weakref.WeakValueDictionary()
 
 
 def _after_fork_in_child() -> None:
-    for cache in list(_live_caches):
+    for cache in list(_live_caches.values()):
         cache._after_fork()
 
 
@@ -92,7 +93,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class TieredCache(TieredFront):
+class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     """A dict-like cache: a local tier per process in front of a shared Redis."""
 
     def __init__(
@@ -136,7 +137,7 @@ class TieredCache(TieredFront):
         self._local_ttl = local_ttl
         self._stale_if_error = stale_if_error
         self._lease_ms = int(lease_ttl * 1000)
-        self._tombstone_ms = int(tombstone_ttl * 1000)
+        self._tombstone_ttl = tombstone_ttl
         self._on_write_error = on_write_error
         self._l1_args = {
             "policy": local_policy,
@@ -159,7 +160,6 @@ class TieredCache(TieredFront):
         self._owns_client = not isinstance(redis, redis_lib.Redis)
         self._listener: Listener | None = None
         self._listener_lock = threading.Lock()
-        self._pid = os.getpid()
         self._last_warning = 0.0
 
         if redis is None:
@@ -177,7 +177,7 @@ class TieredCache(TieredFront):
             client = redis
         self._driver = SyncDriver(client, self._keys, log_maxlen=log_maxlen)
         self._fresh_local_tier()
-        _live_caches.add(self)
+        _live_caches[id(self)] = self
         self._ensure_listener()
         if self._listener is not None and not self._listener.wait_healthy(startup_timeout):
             log.warning(
@@ -195,10 +195,8 @@ class TieredCache(TieredFront):
         self._front_init(self._l1)
 
     def _ensure_listener(self) -> None:
-        if self._pid != os.getpid():  # a forked child whose hook did not run: start afresh
-            self._after_fork()
         if self._listener is not None or self._closed:
-            return
+            return  # (a forked child has none: the at-fork hook dropped the parent's)
         with self._listener_lock:
             if self._listener is None and not self._closed:
                 self._listener = Listener(
@@ -212,7 +210,6 @@ class TieredCache(TieredFront):
 
     def _after_fork(self) -> None:
         """In a forked child: no thread, no trusted local copy; connections are redone lazily."""
-        self._pid = os.getpid()
         self._set_usable(False)
         self._listener = None
         self._listener_lock = threading.Lock()
@@ -327,8 +324,8 @@ class TieredCache(TieredFront):
         """The envelope and value in ``raw``, or None (counted) if it does not verify or parse."""
         try:
             env = unpack(raw)
-            if env.absent:
-                return None
+            if env.absent or not env.is_value:
+                return None  # (a tombstone or a fill lease in the entry: a miss)
             if env.expires_at and env.expires_at <= self._clock.now_us() / 1e6:
                 return None
             if env.codec != self._codec.id or env.compression:
@@ -357,15 +354,21 @@ class TieredCache(TieredFront):
             if not self._guard.admit(ticket, lkey, env.version):
                 self._counters.add("local_fills_rejected")
                 return
-            self._l1.set(lkey, value, version=env.version, fresh_until=self._l1.timer() + fresh)
+            self._put_local(lkey, value, env.version, fresh)
+
+    def _put_local(self, lkey: Hashable, value: Any, version: int, fresh: float) -> None:
+        """Store a local copy fresh for ``fresh`` seconds (caller holds the guard's lock)."""
+        try:
+            self._l1.set(lkey, value, version=version, fresh_until=self._l1.timer() + fresh)
+        except ValueError:  # heavier than local_maxbytes: it lives in Redis only
+            self._l1.pop(lkey, None)
 
     def _load(
         self, key: Hashable, encoded: bytes, lkey: Hashable, loader: Callable[[Any], Any]
     ) -> Any:
         """Call the loader for a missing key; store its value only if no write overtook it."""
-        token = secrets.token_hex(16)
         try:
-            lease = self._driver.lease(encoded, token, self._lease_ms)
+            lease = self._driver.lease(encoded, secrets.token_bytes(16), self._lease_ms)
         except redis_lib.RedisError:
             lease = None  # no way to coordinate: load, but do not store
         if lease is not None and lease.kind == "v" and lease.envelope is not None:
@@ -375,53 +378,41 @@ class TieredCache(TieredFront):
                 self._install(ticket, lkey, *decoded)
                 self._counters.add("remote_hits")
                 return decoded[1]
-        holds = lease is not None and lease.kind == "l"
+        ours = lease.envelope if lease is not None and lease.kind == "l" else None
         ticket = self._guard.ticket()
         started = time.monotonic()
         try:
             self._counters.add("loads")
             value = loader(key)
-            payload = self._codec.dumps(value) if holds else b""
+            payload = self._codec.dumps(value) if ours is not None else b""
         except BaseException:
-            if holds:
-                self._release(encoded, token)
+            if ours is not None:
+                self._release(encoded, ours)
             raise
-        if holds:
+        if ours is not None and lease is not None:
             load_ms = (time.monotonic() - started) * 1000.0
-            self._fill(encoded, lkey, token, ticket, value, payload, load_ms)
+            version = self._clock.next(after=lease.version)
+            env = self._envelope(payload, self._ttl, version, load_ms)
+            self._fill(encoded, lkey, ours, ticket, env, value)
         return value
 
     def _fill(
-        self,
-        encoded: bytes,
-        lkey: Hashable,
-        token: str,
-        ticket: int,
-        value: Any,
-        payload: bytes,
-        load_ms: float,
+        self, encoded: bytes, lkey: Hashable, lease: bytes, ticket: int, env: Envelope, value: Any
     ) -> None:
-        env = self._envelope(payload, self._ttl, self._clock.next(), load_ms)
         try:
-            for _ in range(_WRITE_ATTEMPTS):
-                result = self._driver.fill(
-                    encoded, token, env.version, env.pack(), self._ttl_ms(self._ttl)
-                )
-                if result.applied or result.version == 0:
-                    break
-                env = env.with_version(self._clock.next(after=result.version))
+            stored = self._driver.fill(encoded, lease, env.pack(), self._ttl_ms(self._ttl))
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"fill of {encoded[:60]!r} failed: {err}")
             return
-        if not result.applied:
+        if not stored:
             self._counters.add("stale_fills_rejected")
             return
         self._install(ticket, lkey, env, value)
 
-    def _release(self, encoded: bytes, token: str) -> None:
+    def _release(self, encoded: bytes, lease: bytes) -> None:
         try:
-            self._driver.release(encoded, token)
+            self._driver.release(encoded, lease)
         except redis_lib.RedisError:
             pass  # the lease expires by itself
 
@@ -449,9 +440,7 @@ class TieredCache(TieredFront):
         fresh = self._local_ttl if ttl is None else min(self._local_ttl, ttl)
         with self._guard.lock:
             if self._guard.newest(lkey) <= applied.version:
-                self._l1.set(
-                    lkey, value, version=applied.version, fresh_until=self._l1.timer() + fresh
-                )
+                self._put_local(lkey, value, applied.version, fresh)
 
     def _write(
         self,
@@ -475,7 +464,6 @@ class TieredCache(TieredFront):
                     env.version,
                     env.pack(),
                     ttl_ms=self._ttl_ms(ttl),
-                    tombstone_ttl_ms=self._tombstone_ms,
                     origin=self._origin,
                 )
                 if result.applied:
@@ -511,9 +499,10 @@ class TieredCache(TieredFront):
         encoded = encode_key(key)
         lkey = local_key(key, encoded)
         was_local = self._l1.peek(lkey, _MISSING) is not _MISSING
-        env = Envelope(self._clock.next(after=self._guard.newest(lkey)), self._codec.id, b"")
+        version = self._clock.next(after=self._guard.newest(lkey))
+        env = Envelope(version, self._codec.id, b"", flags=FLAG_TOMBSTONE)
         self._ensure_listener()
-        result = self._write(key, encoded, lkey, OP_DELETE, env, None)
+        result = self._write(key, encoded, lkey, OP_DELETE, env, self._tombstone_ttl)
         if result is None:
             return was_local
         self._counters.add("deletes")
@@ -535,7 +524,7 @@ class TieredCache(TieredFront):
     def __contains__(self, key: object) -> bool:
         encoded = encode_key(key)
         try:
-            return self._driver.client.exists(self._keys.value(encoded)) > 0
+            return self._driver.has_value(encoded)
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis read failed: {err}") from err
 
@@ -605,7 +594,7 @@ class TieredCache(TieredFront):
             return
         self._closed = True
         self._set_usable(False)
-        _live_caches.discard(self)
+        _live_caches.pop(id(self), None)
         if self._listener is not None:
             self._listener.stop()
         self._driver.close()
@@ -645,6 +634,3 @@ class TieredCache(TieredFront):
             log.warning("tiercache %r: %s", self._keys.namespace, message)
         else:
             log.debug("tiercache %r: %s", self._keys.namespace, message)
-
-
-MutableMapping.register(TieredCache)

@@ -1,39 +1,19 @@
--- Store a value loaded from the origin, only if this fill's lease is still the current one: any
--- write or delete of the key since the lease was taken removed it (compare-and-set, as memcache
--- leases do), so a fill that read the origin before that write cannot put an old value back.
+-- Store a value loaded from the origin, only if this fill's lease is still in the key: a write or
+-- delete since the lease was taken overwrote it (compare-and-set, as memcache leases do), so a
+-- fill that read the origin before that write cannot put an old value back.
 --
--- KEYS[1] value, KEYS[2] tombstone, KEYS[3] fill lease
--- ARGV[1] lease token, ARGV[2] proposed version, ARGV[3] envelope, ARGV[4] TTL in ms (0: none)
+-- KEYS[1] the entry key
+-- ARGV[1] our lease envelope as stored (compared byte for byte, so the token and version match)
+-- ARGV[2] the value envelope, ARGV[3] its TTL in ms (0: none)
 --
--- Returns {1, version} when stored, {0, "lease"} when the lease is gone, or
--- {0, current version} when the proposed version is not above the stored one.
+-- Returns 1 when stored, 0 when the lease is gone.
 
-local function envelope_version(env)
-  if not env or #env < 34 or string.sub(env, 1, 2) ~= "TC" then
-    return 0
-  end
-  local v = 0
-  for i = 7, 14 do
-    v = v * 256 + string.byte(env, i)
-  end
-  return v
+if redis.call("GET", KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-
-if redis.call("GET", KEYS[3]) ~= ARGV[1] then
-  return {0, "lease"}
-end
-local current = envelope_version(redis.call("GET", KEYS[1]))
-local tomb = tonumber(redis.call("GET", KEYS[2]) or "0") or 0
-if tomb > current then
-  current = tomb
-end
-if tonumber(ARGV[2]) <= current then
-  return {0, string.format("%.0f", current)}
-end
-if tonumber(ARGV[4]) > 0 then
-  redis.call("SET", KEYS[1], ARGV[3], "PX", ARGV[4])
+if tonumber(ARGV[3]) > 0 then
+  redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
 else
-  redis.call("SET", KEYS[1], ARGV[3])
+  redis.call("SET", KEYS[1], ARGV[2])
 end
-redis.call("DEL", KEYS[3])
-return {1, ARGV[2]}
+return 1
