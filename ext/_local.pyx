@@ -28,6 +28,7 @@ import heapq
 import sys
 from collections.abc import KeysView, Mapping, MutableMapping
 
+from tiercache._sentinel import MISSING
 from tiercache._views import LocalItemsView, LocalValuesView
 
 
@@ -47,6 +48,15 @@ cdef extern from "Python.h":
 
 cdef extern from "<math.h>":
     const double INF "INFINITY"
+
+cdef extern from "Python.h":
+    ctypedef PyObject* (*ternaryfunc)(PyObject*, PyObject*, PyObject*)
+    ctypedef struct PyTypeObject:
+        ternaryfunc tp_call
+    void PyType_Modified(PyTypeObject* t)
+    Py_ssize_t PyTuple_GET_SIZE(object op)
+    PyObject* PyTuple_GET_ITEM(object op, Py_ssize_t i)
+    void Py_INCREF(object o)
 
 
 cdef object _MISSING = object()
@@ -1279,7 +1289,11 @@ cdef class TieredFront:
         # The common case, no reference counting: no Python code runs between lookup and return.
         if self._usable and type(key) is str and l1._timer is None:
             p = dict_lookup(<PyObject*>l1._map, <PyObject*>key)
-            if p != NULL and (<Entry>p).fresh_until > tc_monotonic():
+            if (
+                p != NULL
+                and (<Entry>p).fresh_until > tc_monotonic()
+                and (<Entry>p).value is not MISSING  # a cached absence: the slow path says so
+            ):
                 if (<Entry>p).link.prev != NULL:
                     if l1._lru is not None:
                         ring_move_front(&l1._lru.ring, &(<Entry>p).link)
@@ -1310,7 +1324,7 @@ cdef class TieredFront:
         if p == NULL:
             return _MISSING
         e = <Entry>p  # a strong reference: an injected timer may run Python code
-        if e.fresh_until <= l1._now():
+        if e.fresh_until <= l1._now() or e.value is MISSING:
             return _MISSING
         if e.link.prev != NULL:
             if l1._lru is not None:
@@ -1319,3 +1333,85 @@ cdef class TieredFront:
                 l1._policy.touch(e)
         l1._hits += 1
         return e.value
+
+
+cdef class CallFront:
+    """The local-hit path of a cached function: ``f(x)`` for one str or int ``x``, in C.
+
+    The call slot is set by hand (below) so a call without keywords builds no keyword dict;
+    everything else (other arguments, a miss, a local tier that may not serve) goes to the
+    subclass's ``_call(args, kwargs)``.
+    """
+
+    cdef LocalCache _l1
+    cdef TieredFront _cache
+    cdef bint _fast  # single-argument calls may use the argument itself as the local key
+
+    def _call_front_init(self, LocalCache l1, TieredFront cache, bint fast):
+        """Serve hits from ``l1`` while ``cache`` may serve local copies."""
+        self._l1 = l1
+        self._cache = cache
+        self._fast = fast
+
+    @property
+    def local(self):
+        """The function's own local tier."""
+        return self._l1
+
+    def __call__(self, *args, **kwargs):
+        # Only reached where the fast slot below is not installed; same behaviour, slower.
+        return <object>_call_front_call(<PyObject*>self, <PyObject*>args, <PyObject*>kwargs)
+
+
+cdef PyObject* _call_front_call(PyObject* self, PyObject* args, PyObject* kwargs) except NULL:
+    cdef CallFront front = <CallFront>self
+    cdef LocalCache l1 = front._l1
+    cdef PyObject* arg
+    cdef PyObject* p
+    cdef object value
+    if (
+        front._fast
+        and (kwargs == NULL or PyDict_GET_SIZE(kwargs) == 0)
+        and PyTuple_GET_SIZE(<object>args) == 1
+        and front._cache is not None
+        and front._cache._usable
+        and l1._timer is None
+    ):
+        arg = PyTuple_GET_ITEM(<object>args, 0)
+        if type(<object>arg) is str or type(<object>arg) is int:
+            p = dict_lookup(<PyObject*>l1._map, arg)
+            if (
+                p != NULL
+                and (<Entry>p).fresh_until > tc_monotonic()
+                and (<Entry>p).value is not MISSING
+            ):
+                if (<Entry>p).link.prev != NULL:
+                    if l1._lru is not None:
+                        ring_move_front(&l1._lru.ring, &(<Entry>p).link)
+                    else:
+                        l1._policy.touch(<Entry>p)
+                l1._hits += 1
+                value = (<Entry>p).value
+                Py_INCREF(value)
+                return <PyObject*>value
+    value = (<object>self)._call(<object>args, <object>kwargs if kwargs != NULL else None)
+    Py_INCREF(value)
+    return <PyObject*>value
+
+
+def install_fast_call(type cls):
+    """Answer calls of ``cls`` (a CallFront subclass) through the C call slot directly.
+
+    tp_call receives the positional tuple and NULL when there are no keywords, where a
+    ``def __call__(self, *args, **kwargs)`` builds a dict on every call (about 20% of a
+    functools.lru_cache hit). A Python subclass gets its call slot from ``__call__`` when it is
+    created, so each one installs the fast slot again.
+    """
+    if not issubclass(cls, CallFront):
+        raise TypeError("install_fast_call() takes a CallFront subclass")
+    (<PyTypeObject*>cls).tp_call = <ternaryfunc>_call_front_call
+    PyType_Modified(<PyTypeObject*>cls)
+    return cls
+
+
+install_fast_call(CallFront)

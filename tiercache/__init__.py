@@ -1,11 +1,15 @@
 """tiercache: a two-tier cache (in-process LRU/LFU/W-TinyLFU in front of Redis)."""
 
+from ._sentinel import MISSING
+from .decorator import CacheInfo, tiered_cache
 from .errors import CacheUnavailable, TiercacheError
 from .local import EXTENSIONS, LFUCache, LocalCache, LRUCache, TinyLFUCache
 from .tiered import TieredCache
 
 __all__ = [
     "EXTENSIONS",
+    "MISSING",
+    "CacheInfo",
     "CacheUnavailable",
     "LFUCache",
     "LRUCache",
@@ -13,5 +17,6 @@ __all__ = [
     "TiercacheError",
     "TieredCache",
     "TinyLFUCache",
+    "tiered_cache",
 ]
 __version__ = "0.1.0.dev0"

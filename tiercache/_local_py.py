@@ -43,6 +43,7 @@ from threading import Lock, get_ident
 from typing import Any
 
 from . import _clock
+from ._sentinel import MISSING
 from ._sketch import MASK64, FrequencySketch, mix64
 from ._views import LocalItemsView, LocalValuesView
 
@@ -833,10 +834,55 @@ class TieredFront:
             return _MISSING
         l1 = self._l1
         e = l1._map.get(key)
-        if e is None or e.fresh_until <= l1._timer():
-            return _MISSING
+        if e is None or e.fresh_until <= l1._timer() or e.value is MISSING:
+            return _MISSING  # (a cached absence too: the slow path says so)
         with l1._mutex:
             if e.prev is not None:
                 l1._policy.touch(e)
             l1._hits += 1
         return e.value
+
+
+class CallFront:
+    """The local-hit path of a cached function: ``f(x)`` for one str or int ``x``.
+
+    Everything else (other arguments, a miss, a local tier that may not serve) goes to the
+    subclass's ``_call(args, kwargs)``.
+    """
+
+    _l1: LocalCache
+    _cache: TieredFront | None = None
+    _fast: bool = False
+
+    def _call_front_init(self, l1: LocalCache, cache: TieredFront, fast: bool) -> None:
+        """Serve hits from ``l1`` while ``cache`` may serve local copies."""
+        self._l1 = l1
+        self._cache = cache
+        self._fast = fast
+
+    @property
+    def local(self) -> LocalCache:
+        """The function's own local tier."""
+        return self._l1
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cache = self._cache
+        if self._fast and not kwargs and len(args) == 1 and cache is not None and cache._usable:
+            arg = args[0]
+            if type(arg) is str or type(arg) is int:
+                l1 = self._l1
+                e = l1._map.get(arg)
+                if e is not None and e.fresh_until > l1._timer() and e.value is not MISSING:
+                    with l1._mutex:
+                        if e.prev is not None:
+                            l1._policy.touch(e)
+                        l1._hits += 1
+                    return e.value
+        return self._call(args, kwargs or None)  # type: ignore[attr-defined]
+
+
+def install_fast_call(cls: type) -> type:
+    """Nothing to install in pure Python (the C build sets a call slot); returns ``cls``."""
+    if not issubclass(cls, CallFront):
+        raise TypeError("install_fast_call() takes a CallFront subclass")
+    return cls

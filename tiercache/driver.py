@@ -7,6 +7,7 @@ redis-py raises them; the cache maps them to CacheUnavailable.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,13 +16,14 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from .envelope import FLAG_LEASE, FLAG_NOT_A_VALUE, FORMAT, HEADER, MAGIC
-from .keys import KeySpace
+from .envelope import FLAG_ABSENT, FLAG_LEASE, FLAG_NOT_A_VALUE, FORMAT, HEADER, MAGIC
+from .keys import KeySpace, escape_glob
 from .protocol import Invalidation, parse_message
 
-SCRIPTS = ("write", "lease", "fill", "release")
+SCRIPTS = ("write", "lease", "fill", "release", "refresh")
 
 
 def load_script_source(name: str) -> str:
@@ -79,9 +81,37 @@ class SyncDriver:
         self.client = client
         self.keys = keys
         self.log_maxlen = log_maxlen
-        self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPTS}
+        self._sources = {name: load_script_source(name) for name in SCRIPTS}
+        self._shas = {name: _sha1(src) for name, src in self._sources.items()}
+
+    # -- scripts --------------------------------------------------------------------------
+
+    def _run(self, name: str, keys: list[bytes], args: list[Any]) -> Any:
+        """EVALSHA a script, loading it first if Redis does not know it (after a restart)."""
+        sha = self._shas[name]
+        try:
+            return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.client.script_load(self._sources[name])
+            return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+    def _run_many(self, name: str, calls: list[tuple[list[bytes], list[Any]]]) -> list[Any]:
+        """Several calls of one script in one round trip (a pipeline); errors are returned."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+                return replies
+            self.client.script_load(self._sources[name])
+        return replies  # pragma: no cover - the loop always returns
 
     # -- values ---------------------------------------------------------------------------
+
+    def mget(self, names: list[bytes]) -> list[bytes | None]:
+        """The raw values of several keys in one round trip."""
+        return self.client.mget(names) if names else []
 
     def get(self, name: bytes) -> bytes | None:
         """The raw value stored under the key ``name``."""
@@ -100,9 +130,10 @@ class SyncDriver:
         """Store the envelope of a set ("S") or delete ("D") at ``version`` and announce it."""
         counter, log, entry = self.keys.script_keys(encoded)
         return _write_result(
-            self._scripts["write"](
-                keys=[counter, log, entry],
-                args=[
+            self._run(
+                "write",
+                [counter, log, entry],
+                [
                     op,
                     version,
                     envelope,
@@ -115,46 +146,65 @@ class SyncDriver:
             )
         )
 
-    def announce_clear(self, partition: int, version: int, origin: str) -> WriteResult:
-        """Publish a clear of the whole partition (its entries were already unlinked)."""
+    def announce_clear(
+        self, partition: int, version: int, origin: str, prefix: bytes = b""
+    ) -> WriteResult:
+        """Publish a clear of the partition, or of its keys starting with ``prefix`` (encoded).
+
+        The entries were already unlinked by the caller.
+        """
         return _write_result(
-            self._scripts["write"](
-                keys=[self.keys.counter(partition), self.keys.log(partition)],
-                args=[
-                    "C",
+            self._run(
+                "write",
+                [self.keys.counter(partition), self.keys.log(partition)],
+                [
+                    "P" if prefix else "C",
                     version,
                     b"",
                     0,
                     origin,
                     self.keys.channel(partition),
                     self.log_maxlen,
-                    b"",
+                    prefix,
                 ],
             )
         )
 
     def lease(self, encoded: bytes, token: bytes, ttl_ms: int) -> LeaseResult:
         """Take the fill lease of ``encoded`` unless a value is there or another fill holds it."""
+        reply = self._run("lease", [self.keys.value(encoded)], [lease_envelope(token, 0), ttl_ms])
+        return _lease_result(reply, token)
+
+    def leases(self, encoded: list[bytes], token: bytes, ttl_ms: int) -> list[LeaseResult]:
+        """``lease`` for several keys in one round trip."""
         template = lease_envelope(token, 0)
-        reply = self._scripts["lease"](keys=[self.keys.value(encoded)], args=[template, ttl_ms])
-        kind = reply[0].decode()
-        if kind == "v":
-            return LeaseResult("v", envelope=reply[1])
-        if kind == "w":
-            return LeaseResult("w", wait_ms=max(0, int(reply[1])))
-        version = int(reply[1])
-        return LeaseResult("l", envelope=lease_envelope(token, version), version=version)
+        calls = [([self.keys.value(e)], [template, ttl_ms]) for e in encoded]
+        return [_lease_result(r, token) for r in self._run_many("lease", calls)]
 
     def fill(self, encoded: bytes, lease: bytes, envelope: bytes, ttl_ms: int) -> bool:
         """Store a loaded value if our lease is still in the key (compare-and-set)."""
-        reply = self._scripts["fill"](
-            keys=[self.keys.value(encoded)], args=[lease, envelope, ttl_ms]
-        )
-        return int(reply) == 1
+        return int(self._run("fill", [self.keys.value(encoded)], [lease, envelope, ttl_ms])) == 1
+
+    def fills(self, items: list[tuple[bytes, bytes, bytes, int]]) -> list[bool]:
+        """``fill`` for several (encoded, lease, envelope, ttl_ms) in one round trip."""
+        calls = [([self.keys.value(e)], [lease, env, ttl]) for e, lease, env, ttl in items]
+        return [r == 1 for r in self._run_many("fill", calls)]
 
     def release(self, encoded: bytes, lease: bytes) -> None:
         """Give up our fill lease of ``encoded`` if it is still there."""
-        self._scripts["release"](keys=[self.keys.value(encoded)], args=[lease])
+        self._run("release", [self.keys.value(encoded)], [lease])
+
+    def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int) -> bool:
+        """Claim the refresh of ``encoded`` for ``ttl_ms`` (False: another process has it)."""
+        marker = self.keys.refresh_marker(encoded)
+        return bool(self.client.set(marker, token, nx=True, px=max(1, ttl_ms)))
+
+    def refresh(
+        self, encoded: bytes, expected: int, envelope: bytes, ttl_ms: int, token: bytes
+    ) -> bool:
+        """Store a refreshed value if the entry still holds version ``expected``."""
+        keys = [self.keys.value(encoded), self.keys.refresh_marker(encoded)]
+        return int(self._run("refresh", keys, [expected, envelope, ttl_ms, token])) == 1
 
     # -- the invalidation stream ------------------------------------------------------------
 
@@ -231,12 +281,16 @@ class SyncDriver:
         """Whether the entry key of ``encoded`` holds a value."""
         return is_value_head(self.client.getrange(self.keys.value(encoded), 0, 5))
 
-    def unlink_partition(self, partition: int, batch: int = 500) -> int:
-        """Unlink every key of a partition except its counter and log; returns how many."""
+    def unlink_partition(self, partition: int, prefix: bytes = b"", batch: int = 500) -> int:
+        """Unlink every key of a partition but its counter and log (or only the entries of keys
+        whose encoding starts with ``prefix``); returns how many."""
         keep = {self.keys.counter(partition), self.keys.log(partition)}
+        pattern = self.keys.all_pattern(partition)
+        if prefix:
+            pattern = escape_glob(self.keys.prefix(partition) + b"v:" + prefix) + b"*"
         removed = 0
         names: list[bytes] = []
-        for name in self.client.scan_iter(match=self.keys.all_pattern(partition), count=1000):
+        for name in self.client.scan_iter(match=pattern, count=1000):
             if name in keep:
                 continue
             names.append(name)
@@ -249,8 +303,24 @@ class SyncDriver:
 
 
 def is_value_head(head: bytes) -> bool:
-    """Whether the first bytes of an entry show a value (not a tombstone, lease or foreign data)."""
-    return len(head) >= 4 and head[:2] == MAGIC and not head[3] & FLAG_NOT_A_VALUE
+    """Whether an entry's first bytes show a value: not a tombstone, a lease, a cached absence."""
+    return len(head) >= 4 and head[:2] == MAGIC and not head[3] & (FLAG_NOT_A_VALUE | FLAG_ABSENT)
+
+
+def _lease_result(reply: Any, token: bytes) -> LeaseResult:
+    if isinstance(reply, Exception):
+        raise reply
+    kind = reply[0].decode()
+    if kind == "v":
+        return LeaseResult("v", envelope=reply[1])
+    if kind == "w":
+        return LeaseResult("w", wait_ms=max(0, int(reply[1])))
+    version = int(reply[1])
+    return LeaseResult("l", envelope=lease_envelope(token, version), version=version)
+
+
+def _sha1(source: str) -> str:
+    return hashlib.sha1(source.encode("utf-8")).hexdigest()
 
 
 def _write_result(reply: list[Any]) -> WriteResult:

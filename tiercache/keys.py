@@ -10,6 +10,7 @@ where each partition is one hash slot: a key's entry shares the slot of its part
 counter and invalidation log, so one Lua script can touch them all)::
 
     ns:{ns:p}:v:<encoded key>   the entry: a value, a tombstone or a fill lease (envelope.py)
+    ns:{ns:p}:r:<encoded key>   the marker of a background refresh in progress
     ns:{ns:p}:seq               the partition's invalidation counter
     ns:{ns:p}:log               stream: the recent invalidation messages, for replay after a gap
     ns:{ns:p}:inv               the pub/sub channel of invalidations
@@ -164,6 +165,10 @@ class KeySpace:
         """(counter, log, entry) keys of an encoded key, all in one slot."""
         prefix = self.prefix(self.partition(encoded))
         return prefix + b"seq", prefix + b"log", prefix + b"v:" + encoded
+
+    def refresh_marker(self, encoded: bytes) -> bytes:
+        """The key marking a refresh of ``encoded`` in progress (same slot as its entry)."""
+        return self.prefix(self.partition(encoded)) + b"r:" + encoded
 
     def counter(self, partition: int) -> bytes:
         """The invalidation counter of a partition."""

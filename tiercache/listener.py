@@ -73,6 +73,7 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._synced_once = False
+        self._was_healthy = False
         self.malformed = 0
         self.gaps = 0
         self.disconnects = 0
@@ -112,15 +113,17 @@ class Listener:
     def _run(self) -> None:
         backoff = 0.02
         while not self._stop.is_set():
+            self._was_healthy = False
             try:
                 self._session()
-                backoff = 0.02
             except (redis.RedisError, OSError, ValueError) as err:
                 self.disconnects += 1
                 self._set_unhealthy(f"{type(err).__name__}: {err}")
                 log.debug("listener %s lost its channel: %r", self._name, err)
             finally:
                 self._close_connection()
+            if self._was_healthy:  # a session that worked: the next reconnect starts quick
+                backoff = 0.02
             if self._stop.wait(backoff):
                 break
             backoff = min(backoff * 2, self._max_backoff)
@@ -215,6 +218,7 @@ class Listener:
             self._handler.on_unhealthy(reason)
 
     def _set_healthy(self) -> None:
+        self._was_healthy = True
         if not self._healthy.is_set() and not self._stop.is_set():
             self._handler.on_healthy(recovered=self._synced_once)
             self._synced_once = True

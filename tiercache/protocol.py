@@ -32,6 +32,7 @@ counter; a read takes a ticket (the generation) before it starts and presents it
 from __future__ import annotations
 
 import enum
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -45,7 +46,8 @@ MAX_MESSAGE_BYTES = 1 << 20
 OP_SET = "S"
 OP_DELETE = "D"
 OP_CLEAR = "C"
-OPS = frozenset((OP_SET, OP_DELETE, OP_CLEAR))
+OP_CLEAR_PREFIX = "P"  # every key whose encoding starts with the message's key
+OPS = frozenset((OP_SET, OP_DELETE, OP_CLEAR, OP_CLEAR_PREFIX))
 
 
 class VersionClock:
@@ -231,3 +233,23 @@ class FillGuard:
 
     def __len__(self) -> int:
         return len(self._newest)
+
+
+def xfetch_due(now: float, fresh_until: float, delta: float, beta: float, u: float) -> bool:
+    """Whether to recompute early (XFetch, Vattani et al. 2015).
+
+    ``delta`` is how long the last recomputation took, ``u`` a uniform draw in [0, 1). Early when
+    ``now - delta * beta * ln(1 - u) >= fresh_until``: for ``t = fresh_until - now`` the chance is
+    ``exp(-t / (beta * delta))``; at or after ``fresh_until`` it is certain. ``1 - u`` keeps the
+    logarithm finite for ``u = 0``.
+    """
+    if now >= fresh_until:
+        return True
+    if delta <= 0 or beta <= 0:
+        return False
+    return now - delta * beta * math.log(1.0 - u) >= fresh_until
+
+
+def jittered(ttl: float, jitter: float, u: float) -> float:
+    """``ttl`` spread by ``±jitter`` (a fraction) with a uniform draw ``u`` in [0, 1)."""
+    return ttl * (1.0 + jitter * (2.0 * u - 1.0)) if jitter else ttl

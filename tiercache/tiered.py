@@ -21,30 +21,110 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import secrets
+import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator, MutableMapping
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
+from typing import Any, NamedTuple, Protocol
 
 import redis as redis_lib
 
 from . import server as server_mod
+from ._sentinel import MISSING
 from .codec import Codec, resolve_codec
-from .driver import SyncDriver, make_client
-from .envelope import FLAG_TOMBSTONE, Envelope, EnvelopeError, unpack
+from .driver import LeaseResult, SyncDriver, make_client
+from .envelope import (
+    COMPRESSION_MASK,
+    FLAG_ABSENT,
+    FLAG_NOT_A_VALUE,
+    FLAG_TOMBSTONE,
+    FORMAT,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    Envelope,
+)
 from .errors import CacheUnavailable
 from .keys import KeySpace, decode_key, encode_key, local_key, local_key_of
 from .listener import Listener
 from .local import LocalCache, TieredFront
-from .protocol import OP_CLEAR, OP_DELETE, OP_SET, FillGuard, Invalidation, VersionClock
+from .protocol import (
+    OP_CLEAR,
+    OP_CLEAR_PREFIX,
+    OP_DELETE,
+    OP_SET,
+    FillGuard,
+    Invalidation,
+    VersionClock,
+    jittered,
+    xfetch_due,
+)
+from .stampede import Refresher, SingleFlight
 
 log = logging.getLogger("tiercache")
 
-_MISSING: Any = object()
+_NOT_LOCAL: Any = object()
 _WRITE_ATTEMPTS = 3
 _LOG_INTERVAL = 10.0
+_POLL_FIRST = 0.002  # first wait for another process' fill, then x1.5 up to _POLL_MAX
+_POLL_MAX = 0.05
+_XFETCH_HORIZON = math.log(1000.0)  # beyond this many beta*delta an early refresh is < 0.1%
+
+# What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value).
+_Hit = tuple[int, int, float, float, float, Any]
+
+
+class _Slot(NamedTuple):
+    """Where a key lives locally: its local tier, its key there, its key in the FillGuard."""
+
+    l1: LocalCache
+    key: Hashable
+    guard: Hashable
+
+
+class _PendingLoad(NamedTuple):
+    """A load in progress: where it goes, its lease (None: do not store), its read ticket."""
+
+    encoded: bytes
+    slot: _Slot
+    lease: LeaseResult | None
+    ticket: int
+    started: float
+    ttl: float | None
+
+
+# A decorated function's calls are keys ``(CALL_MARK, qualified name, ...)``; they live in the
+# function's own local tier (see tiercache.decorator), found by the encoded key's prefix.
+CALL_MARK = "tiercache.call"
+_CALL_PREFIX = encode_key((CALL_MARK,))
+
+
+class SubTier(Protocol):
+    """A decorated function's local tier, as the cache sees it."""
+
+    local: LocalCache
+
+    def local_key_of(self, key: tuple[Any, ...]) -> Hashable:
+        """The local key of a call key ``(CALL_MARK, name, ...)``."""
+
+    def _rebind_local(self) -> None:
+        """Replace the local tier by a fresh one (in a forked child)."""
+
+
+def _encoded_local(lkey: Hashable) -> bytes:
+    """The encoding behind a main-tier local key (the inverse of ``local_key``)."""
+    return encode_key(lkey) if type(lkey) is str else lkey  # type: ignore[return-value]
+
+
+def _absent_to_missing(loader: Callable[[Any], Any], key: Any) -> Any:
+    """``loader(key)``, with a ``KeyError`` from it turned into ``MISSING``."""
+    try:
+        return loader(key)
+    except KeyError:
+        return MISSING
 
 
 class _Counters:
@@ -63,6 +143,8 @@ class _Counters:
         "flushes",
         "rejected_payloads",
         "stale_served",
+        "refreshes",
+        "lease_timeouts",
         "read_errors",
         "write_errors",
     )
@@ -108,6 +190,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         ttl: float | None = None,
         loader: Callable[[Any], Any] | None = None,
         serializer: str | Codec | None = None,
+        negative_ttl: float = 30.0,
+        stale_ttl: float = 0.0,
+        ttl_jitter: float = 0.0,
+        xfetch_beta: float = 1.0,
         stale_if_error: float = 0.0,
         socket_timeout: float = 0.5,
         connect_timeout: float = 0.5,
@@ -116,6 +202,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         health_timeout: float = 1.0,
         startup_timeout: float = 2.0,
         lease_ttl: float = 10.0,
+        lease_wait: float | None = None,
+        refresh_workers: int = 2,
         tombstone_ttl: float = 60.0,
         log_maxlen: int = 10_000,
         on_write_error: str = "raise",
@@ -130,6 +218,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             raise ValueError("ttl must be > 0 or None")
         if on_write_error not in ("raise", "invalidate_local"):
             raise ValueError("on_write_error must be 'raise' or 'invalidate_local'")
+        if not negative_ttl > 0 or stale_ttl < 0 or not 0 <= ttl_jitter < 1 or xfetch_beta < 0:
+            raise ValueError(
+                "negative_ttl must be > 0, stale_ttl >= 0, 0 <= ttl_jitter < 1, xfetch_beta >= 0"
+            )
         self._keys = KeySpace(namespace, partitions)
         self._codec = resolve_codec(serializer)
         self._loader = loader
@@ -137,7 +229,16 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._local_ttl = local_ttl
         self._stale_if_error = stale_if_error
         self._lease_ms = int(lease_ttl * 1000)
+        self._lease_wait = lease_ttl + 1.0 if lease_wait is None else lease_wait
         self._tombstone_ttl = tombstone_ttl
+        self._negative_ttl = negative_ttl
+        self._stale_ttl = stale_ttl
+        self._jitter = ttl_jitter
+        self._beta = xfetch_beta
+        self._random = random.Random().random
+        self._flights = SingleFlight()
+        self._subtiers: weakref.WeakValueDictionary[str, SubTier] = weakref.WeakValueDictionary()
+        self._refresher = Refresher(refresh_workers, name=f"tiercache:{namespace}")
         self._on_write_error = on_write_error
         self._l1_args = {
             "policy": local_policy,
@@ -149,7 +250,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._listener_args = {
             "health_interval": health_interval,
             "health_timeout": health_timeout,
-            "subscribe_timeout": max(startup_timeout, 1.0),
+            "subscribe_timeout": max(startup_timeout, 5.0),
         }
         self._startup_timeout = startup_timeout
         self._origin = secrets.token_hex(6)
@@ -215,6 +316,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._listener_lock = threading.Lock()
         self._counters = _Counters()
         self._fresh_local_tier()  # the parent's locks and flags may have been held mid-write
+        for sub in list(self._subtiers.values()):
+            sub._rebind_local()
 
     # -- the listener's reports (tiercache.listener.ListenerHandler) ----------------------------
 
@@ -240,12 +343,15 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if msg.op == OP_CLEAR:
             self._forget_local()
             return
-        key = local_key_of(msg.key)
+        if msg.op == OP_CLEAR_PREFIX:
+            self._forget_prefix(msg.key)
+            return
+        slot = self._slot(None, msg.key)
         with self._guard.lock:
-            self._guard.observe(key, msg.version)
-            e = self._l1.entry(key)
+            self._guard.observe(slot.guard, msg.version)
+            e = slot.l1.entry(slot.key)
             if e is not None and e.version < msg.version:
-                self._l1.pop(key, None)
+                slot.l1.pop(slot.key, None)
 
     def flush(self, reason: str) -> None:
         """Messages were lost beyond the log: forget every local copy."""
@@ -257,150 +363,342 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         with self._guard.lock:
             self._guard.forget_all()
             self._l1.clear()
+            for sub in list(self._subtiers.values()):
+                sub.local.clear()
+
+    def _forget_prefix(self, prefix: bytes) -> None:
+        """Forget the local copies of the keys whose encoding starts with ``prefix``."""
+        sub = self._subtier_of(prefix)
+        with self._guard.lock:
+            self._guard.forget_all()  # rare: simpler than tracking the prefix's pending reads
+            if sub is not None:
+                sub.local.clear()
+            else:
+                for lkey in [k for k in self._l1 if _encoded_local(k).startswith(prefix)]:
+                    self._l1.pop(lkey, None)
+
+    def _subtier_of(self, encoded: bytes) -> SubTier | None:
+        """The decorated function a call key (or call-key prefix) belongs to, if registered."""
+        if not encoded.startswith(_CALL_PREFIX) or not self._subtiers:
+            return None
+        try:
+            call = decode_key(encoded)
+        except ValueError:
+            return None
+        if not isinstance(call, tuple) or len(call) < 2 or not isinstance(call[1], str):
+            return None
+        return self._subtiers.get(call[1])
+
+    def clear_prefix(self, prefix: bytes) -> None:
+        """Remove, everywhere, the keys whose encoding starts with ``prefix`` (SCAN-based)."""
+        self._ensure_listener()
+        self._forget_prefix(prefix)
+        try:
+            for partition in range(self._keys.partitions):
+                self._driver.unlink_partition(partition, prefix)
+                self._driver.announce_clear(partition, self._clock.next(), self._origin, prefix)
+        except redis_lib.RedisError as err:
+            raise CacheUnavailable(f"Redis clear failed: {err}") from err
+
+    # -- local tiers ------------------------------------------------------------------------------
+
+    def _slot(self, key: Hashable | None, encoded: bytes) -> _Slot:
+        """The local home of a key (``key`` may be None when only the encoding is known)."""
+        sub = self._subtier_of(encoded)
+        if sub is not None:
+            return _Slot(sub.local, sub.local_key_of(decode_key(encoded)), encoded)  # type: ignore[arg-type]
+        lkey = local_key(key, encoded) if key is not None else local_key_of(encoded)
+        return _Slot(self._l1, lkey, lkey)
+
+    def register_subtier(self, name: str, sub: SubTier) -> None:
+        """Route the invalidations of calls ``(CALL_MARK, name, ...)`` to ``sub``'s local tier."""
+        if name in self._subtiers and self._subtiers[name] is not sub:
+            raise ValueError(f"two cached functions share the name {name!r} in one cache")
+        self._subtiers[name] = sub
+
+    def unregister_subtier(self, name: str) -> None:
+        """Stop routing to the sub-tier ``name``."""
+        self._subtiers.pop(name, None)
 
     # -- reads ----------------------------------------------------------------------------------
 
     def _getitem_slow(self, key: Hashable) -> Any:
-        value = self._read(key, self._loader)
-        if value is _MISSING:
+        value = self._read(key, self._loader, self._ttl)
+        if value is MISSING:
             raise KeyError(key)
         return value
 
     def _get_slow(self, key: Hashable, default: Any) -> Any:
-        try:
-            value = self._read(key, self._loader)
-        except KeyError:
-            return default
-        return default if value is _MISSING else value
+        value = self._read(key, self._loader, self._ttl)
+        return default if value is MISSING else value
 
-    def _read(self, key: Hashable, loader: Callable[[Any], Any] | None) -> Any:
-        """The value of ``key`` from the first tier that has it, else ``_MISSING``."""
+    def get_or_load(
+        self, key: Hashable, loader: Callable[[Any], Any], ttl: float | None = None
+    ) -> Any:
+        """The value of ``key``; on a miss, ``loader(key)`` once across processes, then stored.
+
+        Concurrent misses share one loader call per process (single-flight) and one across
+        processes (the fill lease); the others wait for its value, at most ``lease_ttl``. A loader
+        that returns ``MISSING`` or raises ``KeyError`` makes this raise ``KeyError``, and the
+        absence is cached for ``negative_ttl``; other exceptions propagate and are not cached.
+        """
+        value = self._local_value(key)
+        if value is _NOT_LOCAL:
+            value = self._read(key, loader, self._ttl if ttl is None else ttl)
+        if value is MISSING:
+            raise KeyError(key)
+        return value
+
+    def _local_value(self, key: Hashable) -> Any:
+        """A fresh local copy of a str key (the C front's job for ``[]`` and ``get``)."""
+        if not self._local_usable or type(key) is not str:
+            return _NOT_LOCAL
+        e = self._l1.entry(key)
+        if e is None or e.fresh_until <= self._l1.timer():
+            return _NOT_LOCAL
+        return self._l1.get(key, e.value)
+
+    def _read(self, key: Hashable, loader: Callable[[Any], Any] | None, ttl: float | None) -> Any:
+        """The value of ``key`` from the first tier that has it; ``MISSING`` if none has it."""
         encoded = encode_key(key)
-        lkey = local_key(key, encoded)
+        slot = self._slot(key, encoded)
         self._ensure_listener()
         if self._local_usable:
-            e = self._l1.entry(lkey)
-            if e is not None and e.fresh_until > self._l1.timer():
-                return self._l1.get(lkey, e.value)
+            e = slot.l1.entry(slot.key)
+            if e is not None and e.fresh_until > slot.l1.timer():
+                return slot.l1.get(slot.key, e.value)
         ticket = self._guard.ticket()
         try:
             raw = self._driver.get(self._keys.value(encoded))
         except redis_lib.RedisError as err:
-            return self._read_failed(err, key, lkey, loader)
-        if raw is not None:
-            decoded = self._decode(raw, encoded)
-            if decoded is not None:
-                env, value = decoded
-                self._install(ticket, lkey, env, value)
-                self._counters.add("remote_hits")
-                return value
+            return self._read_failed(err, key, slot, loader)
+        hit = self._decode(raw, encoded) if raw is not None else None
+        if hit is not None:
+            self._counters.add("remote_hits")
+            return self._serve(key, encoded, slot, ticket, hit, loader, ttl)
         self._counters.add("misses")
         if loader is None:
-            return _MISSING
-        return self._load(key, encoded, lkey, loader)
+            return MISSING
+        return self._flights.run(
+            encoded,
+            lambda: self._load(key, encoded, slot, loader, ttl),
+            wait=self._lease_wait,
+        )
+
+    def _serve(
+        self,
+        key: Hashable,
+        encoded: bytes,
+        slot: _Slot,
+        ticket: int,
+        hit: _Hit,
+        loader: Callable[[Any], Any] | None,
+        ttl: float | None,
+    ) -> Any:
+        """Return a value read from Redis; refresh it early or in the background when due."""
+        version, _, _, fresh_until, load_ms, value = hit
+        now = self._clock.now_us() / 1e6
+        if fresh_until and now >= fresh_until:
+            # Stale, within its stale_ttl: served at once while one refresh runs (SWR).
+            if loader is not None:
+                self._schedule_refresh(key, encoded, slot, loader, ttl, version)
+            self._counters.add("stale_served")
+            return value
+        horizon = 0.0
+        if loader is not None and fresh_until and load_ms and self._beta > 0:
+            delta = load_ms / 1000.0
+            if xfetch_due(now, fresh_until, delta, self._beta, self._random()):
+                self._schedule_refresh(key, encoded, slot, loader, ttl, version)
+            # Local copies stop short of the window where an early refresh may be drawn, so the
+            # reads near expiry come here and draw.
+            horizon = self._beta * delta * _XFETCH_HORIZON
+        fresh = self._local_ttl
+        if fresh_until:
+            fresh = min(fresh, fresh_until - now - horizon)
+        if fresh > 0:
+            self._install(ticket, slot, version, fresh, value)
+        return value
 
     def _read_failed(
         self,
         err: redis_lib.RedisError,
         key: Hashable,
-        lkey: Hashable,
+        slot: _Slot,
         loader: Callable[[Any], Any] | None,
     ) -> Any:
         """Redis failed a read: a recent local copy (fail-safe), the loader, or the error."""
         self._counters.add("read_errors")
-        if self._stale_if_error > 0:
-            e = self._l1.entry(lkey)
-            if e is not None:
-                age = self._l1.timer() - (e.expires - self._l1_args["ttl"])
-                if age <= self._stale_if_error:
-                    self._counters.add("stale_served")
-                    return e.value
+        stale = self._stale_local(slot)
+        if stale is not _NOT_LOCAL:
+            return stale
         if loader is not None:
             self._counters.add("loads")
-            return loader(key)
+            return _absent_to_missing(loader, key)
         raise CacheUnavailable(f"Redis read of {key!r} failed: {err}") from err
 
-    def _decode(self, raw: bytes, encoded: bytes) -> tuple[Envelope, Any] | None:
-        """The envelope and value in ``raw``, or None (counted) if it does not verify or parse."""
+    def _stale_local(self, slot: _Slot) -> Any:
+        """A local copy at most ``stale_if_error`` seconds old (counted), else ``_NOT_LOCAL``."""
+        if self._stale_if_error <= 0:
+            return _NOT_LOCAL
+        e = slot.l1.entry(slot.key)
+        if e is None:
+            return _NOT_LOCAL
+        age = slot.l1.timer() - (e.expires - self._l1_args["ttl"])
+        if age > self._stale_if_error:
+            return _NOT_LOCAL
+        self._counters.add("stale_served")
+        return e.value
+
+    def _decode(self, raw: bytes, encoded: bytes) -> _Hit | None:
+        """What ``raw`` holds: a value or a cached absence, or None for a miss.
+
+        A tombstone or a fill lease is a miss; a payload that does not verify or parse is a miss
+        too, counted and logged (the next fill overwrites it).
+        """
         try:
-            env = unpack(raw)
-            if env.absent or not env.is_value:
-                return None  # (a tombstone or a fill lease in the entry: a miss)
-            if env.expires_at and env.expires_at <= self._clock.now_us() / 1e6:
+            magic, fmt, flags, codec, sig, version, expires_at, fresh_until, load_ms = (
+                HEADER.unpack_from(raw)
+            )
+            if magic != MAGIC or fmt != FORMAT:
+                raise ValueError("not a tiercache envelope")
+            if flags & FLAG_NOT_A_VALUE:
                 return None
-            if env.codec != self._codec.id or env.compression:
+            if expires_at and expires_at <= self._clock.now_us() / 1e6:
+                return None
+            if flags & FLAG_ABSENT:
+                return version, flags, expires_at, fresh_until, load_ms, MISSING
+            if codec != self._codec.id or flags & COMPRESSION_MASK:
                 # Only this cache's own codec may read a payload: a pickle payload planted in
                 # Redis must never reach pickle.loads.
-                raise ValueError(f"payload of codec {env.codec}, this cache reads {self._codec.id}")
-            return env, self._codec.loads(env.payload)
-        except (EnvelopeError, ValueError, TypeError) as err:
+                raise ValueError(f"payload of codec {codec}, this cache reads {self._codec.id}")
+            value = self._codec.loads(raw[HEADER_SIZE + sig :])
+        except (struct.error, ValueError, TypeError) as err:
             self._counters.add("rejected_payloads")
             self._warn(f"rejected the payload of {encoded[:60]!r}: {err}")
             return None
+        return version, flags, expires_at, fresh_until, load_ms, value
 
-    def _install(self, ticket: int, lkey: Hashable, env: Envelope, value: Any) -> None:
+    def _install(self, ticket: int, slot: _Slot, version: int, fresh: float, value: Any) -> None:
         """Install a value read under ``ticket`` locally, unless it could bring back old data."""
         if not self._local_usable:
+            # Not serving locally now, but a copy older than what was just read must not be
+            # served again once the tier is back on (monotonic reads).
+            with self._guard.lock:
+                current = slot.l1.entry(slot.key)
+                if current is not None and current.version < version:
+                    slot.l1.pop(slot.key, None)
             return
-        fresh = self._local_ttl
-        if env.expires_at:
-            fresh = min(fresh, env.expires_at - self._clock.now_us() / 1e6)
-            if fresh <= 0:
-                return
         with self._guard.lock:
-            current = self._l1.entry(lkey)
-            if current is not None and current.version >= env.version:
+            current = slot.l1.entry(slot.key)
+            if current is not None and current.version >= version:
                 return
-            if not self._guard.admit(ticket, lkey, env.version):
+            if not self._guard.admit(ticket, slot.guard, version):
                 self._counters.add("local_fills_rejected")
                 return
-            self._put_local(lkey, value, env.version, fresh)
+            self._put_local(slot, value, version, fresh)
 
-    def _put_local(self, lkey: Hashable, value: Any, version: int, fresh: float) -> None:
+    def _put_local(self, slot: _Slot, value: Any, version: int, fresh: float) -> None:
         """Store a local copy fresh for ``fresh`` seconds (caller holds the guard's lock)."""
         try:
-            self._l1.set(lkey, value, version=version, fresh_until=self._l1.timer() + fresh)
+            slot.l1.set(slot.key, value, version=version, fresh_until=slot.l1.timer() + fresh)
         except ValueError:  # heavier than local_maxbytes: it lives in Redis only
-            self._l1.pop(lkey, None)
+            slot.l1.pop(slot.key, None)
 
     def _load(
-        self, key: Hashable, encoded: bytes, lkey: Hashable, loader: Callable[[Any], Any]
+        self,
+        key: Hashable,
+        encoded: bytes,
+        slot: _Slot,
+        loader: Callable[[Any], Any],
+        ttl: float | None,
     ) -> Any:
-        """Call the loader for a missing key; store its value only if no write overtook it."""
+        """Load a missing key once across processes: take its lease or wait for its value."""
+        pending = self._begin_load(key, encoded, slot, ttl)
+        if not isinstance(pending, _PendingLoad):
+            return pending
         try:
-            lease = self._driver.lease(encoded, secrets.token_bytes(16), self._lease_ms)
-        except redis_lib.RedisError:
-            lease = None  # no way to coordinate: load, but do not store
-        if lease is not None and lease.kind == "v" and lease.envelope is not None:
-            ticket = self._guard.ticket()
-            decoded = self._decode(lease.envelope, encoded)
-            if decoded is not None:
-                self._install(ticket, lkey, *decoded)
-                self._counters.add("remote_hits")
-                return decoded[1]
-        ours = lease.envelope if lease is not None and lease.kind == "l" else None
-        ticket = self._guard.ticket()
-        started = time.monotonic()
-        try:
-            self._counters.add("loads")
-            value = loader(key)
-            payload = self._codec.dumps(value) if ours is not None else b""
+            value = _absent_to_missing(loader, key)
         except BaseException:
-            if ours is not None:
-                self._release(encoded, ours)
+            return self._load_failed(pending)
+        return self._finish_load(pending, value)
+
+    def _begin_load(
+        self, key: Hashable, encoded: bytes, slot: _Slot, ttl: float | None
+    ) -> _PendingLoad | Any:
+        """Before calling a loader: our lease (a ``_PendingLoad``), or the value that arrived."""
+        ticket = self._guard.ticket()  # before the lease script reads Redis, as in _read
+        lease = self._acquire_lease(encoded)
+        if lease is not None and lease.kind == "v":
+            hit = self._decode(lease.envelope or b"", encoded)
+            if hit is not None:
+                return self._serve(key, encoded, slot, ticket, hit, None, ttl)
+            lease = None  # unreadable: load, without storing over it
+        ours = lease if lease is not None and lease.kind == "l" else None
+        self._counters.add("loads")
+        return _PendingLoad(encoded, slot, ours, ticket, time.monotonic(), ttl)
+
+    def _finish_load(self, pending: _PendingLoad, value: Any) -> Any:
+        """After the loader returned ``value``: store it if our lease still stands; return it."""
+        lease = pending.lease
+        if lease is None or lease.envelope is None:
+            return value
+        try:
+            payload = self._codec.dumps(value) if value is not MISSING else b""
+        except BaseException:
+            self._release(pending.encoded, lease.envelope)
             raise
-        if ours is not None and lease is not None:
-            load_ms = (time.monotonic() - started) * 1000.0
-            version = self._clock.next(after=lease.version)
-            env = self._envelope(payload, self._ttl, version, load_ms)
-            self._fill(encoded, lkey, ours, ticket, env, value)
+        load_ms = (time.monotonic() - pending.started) * 1000.0
+        env = self._value_envelope(value, payload, pending.ttl, lease.version, load_ms)
+        self._fill(pending.encoded, pending.slot, lease.envelope, pending.ticket, env, value)
         return value
 
+    def _load_failed(self, pending: _PendingLoad) -> Any:
+        """The loader raised (the exception is being handled): a recent copy, or re-raise."""
+        if pending.lease is not None and pending.lease.envelope is not None:
+            self._release(pending.encoded, pending.lease.envelope)
+        stale = self._stale_local(pending.slot)
+        if stale is not _NOT_LOCAL:
+            return stale  # fail-safe: the loader failed, a recent copy is served
+        raise  # (the loader's exception, which the caller is handling)
+
+    def _acquire_lease(self, encoded: bytes) -> LeaseResult | None:
+        """Our fill lease, a value that arrived meanwhile, or None (load without storing).
+
+        While another process holds the lease, poll for its value with backoff, at most
+        ``lease_wait`` seconds; a holder that died leaves a lease that expires, and then we
+        take it. None when Redis fails or the wait runs out.
+        """
+        token = secrets.token_bytes(16)
+        deadline = time.monotonic() + self._lease_wait
+        delay = _POLL_FIRST
+        while True:
+            try:
+                lease = self._driver.lease(encoded, token, self._lease_ms)
+            except redis_lib.RedisError:
+                return None
+            if lease.kind != "w":
+                return lease
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._counters.add("lease_timeouts")
+                return None
+            time.sleep(max(0.0005, min(delay, lease.wait_ms / 1000.0, left)))
+            delay = min(delay * 1.5, _POLL_MAX)
+
+    def _value_envelope(
+        self, value: Any, payload: bytes, ttl: float | None, after: int, load_ms: float
+    ) -> Envelope:
+        """The envelope to store for a loaded value, or for a loaded absence (MISSING)."""
+        version = self._clock.next(after=after)
+        if value is MISSING:
+            return self._envelope(b"", self._negative_ttl, version, load_ms, flags=FLAG_ABSENT)
+        return self._envelope(payload, ttl, version, load_ms)
+
     def _fill(
-        self, encoded: bytes, lkey: Hashable, lease: bytes, ticket: int, env: Envelope, value: Any
+        self, encoded: bytes, slot: _Slot, lease: bytes, ticket: int, env: Envelope, value: Any
     ) -> None:
         try:
-            stored = self._driver.fill(encoded, lease, env.pack(), self._ttl_ms(self._ttl))
+            stored = self._driver.fill(encoded, lease, env.pack(), self._redis_ttl_ms(env))
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"fill of {encoded[:60]!r} failed: {err}")
@@ -408,13 +706,178 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if not stored:
             self._counters.add("stale_fills_rejected")
             return
-        self._install(ticket, lkey, env, value)
+        self._install(ticket, slot, env.version, self._local_fresh(env), value)
 
     def _release(self, encoded: bytes, lease: bytes) -> None:
         try:
             self._driver.release(encoded, lease)
         except redis_lib.RedisError:
             pass  # the lease expires by itself
+
+    def _schedule_refresh(
+        self,
+        key: Hashable,
+        encoded: bytes,
+        slot: _Slot,
+        loader: Callable[[Any], Any],
+        ttl: float | None,
+        version: int,
+    ) -> None:
+        def refresh() -> None:
+            self._refresh(key, encoded, slot, loader, ttl, version)
+
+        self._refresher.submit(encoded, refresh)
+
+    def _refresh(
+        self,
+        key: Hashable,
+        encoded: bytes,
+        slot: _Slot,
+        loader: Callable[[Any], Any],
+        ttl: float | None,
+        version: int,
+    ) -> None:
+        """Reload ``key`` in the background; store it only if the key still holds ``version``."""
+        token = secrets.token_bytes(16)
+        if not self._driver.mark_refresh(encoded, token, self._lease_ms):
+            return  # another process refreshes it (the XFetch "refreshing" marker)
+        ticket = self._guard.ticket()
+        started = time.monotonic()
+        self._counters.add("loads")
+        value = _absent_to_missing(loader, key)
+        payload = self._codec.dumps(value) if value is not MISSING else b""
+        load_ms = (time.monotonic() - started) * 1000.0
+        env = self._value_envelope(value, payload, ttl, version, load_ms)
+        if self._driver.refresh(encoded, version, env.pack(), self._redis_ttl_ms(env), token):
+            self._counters.add("refreshes")
+            self._install(ticket, slot, env.version, self._local_fresh(env), value)
+        else:
+            self._counters.add("stale_fills_rejected")  # a write or delete landed meanwhile
+
+    def _local_fresh(self, env: Envelope) -> float:
+        """How long a local copy of ``env`` may be served from now."""
+        fresh = self._local_ttl
+        if env.fresh_until:
+            fresh = min(fresh, env.fresh_until - self._clock.now_us() / 1e6)
+        return fresh
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def get_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
+        """The values of the keys present, from the local tier, then one round trip to Redis."""
+        found, _, _ = self._read_many(list(keys))
+        return found
+
+    def get_or_load_many(
+        self,
+        keys: Iterable[Hashable],
+        loader_many: Callable[[list[Any]], Mapping[Any, Any]],
+        ttl: float | None = None,
+    ) -> dict[Hashable, Any]:
+        """The values of ``keys``; those missing everywhere come from one ``loader_many`` call.
+
+        ``loader_many(keys)`` returns a mapping; a key it leaves out does not exist (cached as
+        absent for ``negative_ttl``). The leases of all missing keys are taken in one round
+        trip, and the values stored in another.
+        """
+        ttl = self._ttl if ttl is None else ttl
+        found, missing, tickets = self._read_many(list(keys))
+        if not missing:
+            return found
+        encoded = [encode_key(k) for k in missing]
+        token = secrets.token_bytes(16)
+        try:
+            leases: list[LeaseResult | None] = list(
+                self._driver.leases(encoded, token, self._lease_ms)
+            )
+        except redis_lib.RedisError:
+            leases = [None] * len(missing)
+        to_load = []
+        for key, enc, lease in zip(missing, encoded, leases, strict=True):
+            if lease is not None and lease.kind == "v":
+                hit = self._decode(lease.envelope or b"", enc)
+                if hit is not None:
+                    if hit[5] is not MISSING:
+                        found[key] = hit[5]
+                    continue
+            to_load.append((key, enc, lease))
+        if not to_load:
+            return found
+        self._counters.add("loads")
+        started = time.monotonic()
+        loaded = loader_many([key for key, _, _ in to_load])
+        load_ms = (time.monotonic() - started) * 1000.0
+        fills = []
+        for key, enc, lease in to_load:
+            value = loaded.get(key, MISSING)
+            if value is not MISSING:
+                found[key] = value
+            if lease is None or lease.kind != "l" or lease.envelope is None:
+                continue
+            payload = self._codec.dumps(value) if value is not MISSING else b""
+            env = self._value_envelope(value, payload, ttl, lease.version, load_ms)
+            fills.append((key, enc, lease.envelope, env, value))
+        if fills:
+            self._fill_many(fills, tickets)
+        return found
+
+    def _read_many(
+        self, keys: list[Hashable]
+    ) -> tuple[dict[Hashable, Any], list[Hashable], dict[Hashable, int]]:
+        """(found values, keys missing everywhere, the read tickets) for a batch of keys."""
+        self._ensure_listener()
+        found: dict[Hashable, Any] = {}
+        pending: list[tuple[Hashable, bytes, Hashable]] = []
+        now = self._l1.timer()
+        for key in keys:
+            encoded = encode_key(key)
+            slot = self._slot(key, encoded)
+            e = slot.l1.entry(slot.key) if self._local_usable else None
+            if e is not None and e.fresh_until > now:
+                value = slot.l1.get(slot.key, e.value)
+                if value is not MISSING:
+                    found[key] = value
+                continue
+            pending.append((key, encoded, slot))
+        ticket = self._guard.ticket()
+        tickets = {key: ticket for key, _, _ in pending}
+        if not pending:
+            return found, [], tickets
+        try:
+            raws = self._driver.mget([self._keys.value(enc) for _, enc, _ in pending])
+        except redis_lib.RedisError as err:
+            raise CacheUnavailable(f"Redis read failed: {err}") from err
+        missing = []
+        for (key, encoded, slot), raw in zip(pending, raws, strict=True):
+            hit = self._decode(raw, encoded) if raw is not None else None
+            if hit is None:
+                self._counters.add("misses")
+                missing.append(key)
+                continue
+            self._counters.add("remote_hits")
+            value = self._serve(key, encoded, slot, ticket, hit, None, None)
+            if value is not MISSING:
+                found[key] = value
+        return found, missing, tickets
+
+    def _fill_many(
+        self,
+        fills: list[tuple[Hashable, bytes, bytes, Envelope, Any]],
+        tickets: dict[Hashable, int],
+    ) -> None:
+        items = [(e, lease, env.pack(), self._redis_ttl_ms(env)) for _, e, lease, env, _ in fills]
+        try:
+            stored = self._driver.fills(items)
+        except redis_lib.RedisError as err:
+            self._counters.add("write_errors")
+            self._warn(f"batch fill failed: {err}")
+            return
+        for (key, enc, _, env, value), ok in zip(fills, stored, strict=True):
+            if not ok:
+                self._counters.add("stale_fills_rejected")
+                continue
+            slot = self._slot(key, enc)
+            self._install(tickets.get(key, -1), slot, env.version, self._local_fresh(env), value)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -426,36 +889,28 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if ttl is not None and not ttl > 0:
             raise ValueError("ttl must be > 0 or None")
         encoded = encode_key(key)
-        lkey = local_key(key, encoded)
+        slot = self._slot(key, encoded)
         payload = self._codec.dumps(value)  # a value that cannot be stored changes nothing
         ttl = self._ttl if ttl is None else ttl
-        env = self._envelope(payload, ttl, self._clock.next(after=self._guard.newest(lkey)), 0.0)
+        version = self._clock.next(after=self._guard.newest(slot.guard))
+        env = self._envelope(payload, ttl, version, 0.0)
         self._ensure_listener()
-        applied = self._write(key, encoded, lkey, OP_SET, env, ttl)
+        ticket = self._guard.ticket()
+        applied = self._write(key, encoded, slot, OP_SET, env)
         if applied is None:
             return
         self._counters.add("writes")
-        if not self._local_usable:
-            return
-        fresh = self._local_ttl if ttl is None else min(self._local_ttl, ttl)
-        with self._guard.lock:
-            if self._guard.newest(lkey) <= applied.version:
-                self._put_local(lkey, value, applied.version, fresh)
+        fresh = self._local_fresh(env)
+        if fresh > 0:
+            # Admitted like a read: a flush or a newer write since the write began wins.
+            self._install(ticket, slot, applied.version, fresh, value)
 
-    def _write(
-        self,
-        key: Hashable,
-        encoded: bytes,
-        lkey: Hashable,
-        op: str,
-        env: Envelope,
-        ttl: float | None,
-    ) -> Any:
+    def _write(self, key: Hashable, encoded: bytes, slot: _Slot, op: str, env: Envelope) -> Any:
         """Run the write script for ``op``; the local copy is dropped before, and after a failure.
 
         Returns the driver's result, or None when the failure is swallowed (on_write_error).
         """
-        self._l1.pop(lkey, None)  # read-your-writes: the old local copy goes first
+        slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
         try:
             for _ in range(_WRITE_ATTEMPTS):
                 result = self._driver.write(
@@ -463,7 +918,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                     op,
                     env.version,
                     env.pack(),
-                    ttl_ms=self._ttl_ms(ttl),
+                    ttl_ms=self._redis_ttl_ms(env),
                     origin=self._origin,
                 )
                 if result.applied:
@@ -476,15 +931,15 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             # The outcome is unknown (Redis may apply it later): no local copy of this key may
             # be trusted, and a fill that read the old value must not install it.
             with self._guard.lock:
-                self._guard.observe(lkey, env.version)
-                self._l1.pop(lkey, None)
+                self._guard.observe(slot.guard, env.version)
+                slot.l1.pop(slot.key, None)
             self._counters.add("write_errors")
             if self._on_write_error == "invalidate_local":
                 self._warn(f"write of {key!r} failed, only invalidated locally: {err}")
                 return None
             raise CacheUnavailable(f"Redis write of {key!r} failed: {err}") from err
         with self._guard.lock:
-            self._guard.observe(lkey, result.version)
+            self._guard.observe(slot.guard, result.version)
         return result
 
     def __delitem__(self, key: Hashable) -> None:
@@ -497,12 +952,13 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
 
     def _delete(self, key: Hashable) -> bool:
         encoded = encode_key(key)
-        lkey = local_key(key, encoded)
-        was_local = self._l1.peek(lkey, _MISSING) is not _MISSING
-        version = self._clock.next(after=self._guard.newest(lkey))
-        env = Envelope(version, self._codec.id, b"", flags=FLAG_TOMBSTONE)
+        slot = self._slot(key, encoded)
+        local = slot.l1.peek(slot.key, _NOT_LOCAL)
+        was_local = local is not _NOT_LOCAL and local is not MISSING
+        version = self._clock.next(after=self._guard.newest(slot.guard))
+        env = self._envelope(b"", self._tombstone_ttl, version, 0.0, flags=FLAG_TOMBSTONE)
         self._ensure_listener()
-        result = self._write(key, encoded, lkey, OP_DELETE, env, self._tombstone_ttl)
+        result = self._write(key, encoded, slot, OP_DELETE, env)
         if result is None:
             return was_local
         self._counters.add("deletes")
@@ -597,6 +1053,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         _live_caches.pop(id(self), None)
         if self._listener is not None:
             self._listener.stop()
+        self._refresher.close()
         self._driver.close()
         if self._owns_client:
             self._driver.client.close()
@@ -618,14 +1075,29 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     # -- helpers --------------------------------------------------------------------------------
 
     def _envelope(
-        self, payload: bytes, ttl: float | None, version: int, load_ms: float
+        self, payload: bytes, ttl: float | None, version: int, load_ms: float, flags: int = 0
     ) -> Envelope:
-        expires_at = self._clock.now_us() / 1e6 + ttl if ttl else 0.0
-        return Envelope(version, self._codec.id, payload, expires_at=expires_at, load_ms=load_ms)
+        """An envelope fresh for ``ttl`` seconds (jittered), then stale for ``stale_ttl``."""
+        fresh_until = expires_at = 0.0
+        if ttl:
+            now = self._clock.now_us() / 1e6
+            fresh_until = now + jittered(ttl, self._jitter, self._random())
+            expires_at = fresh_until if flags & FLAG_ABSENT else fresh_until + self._stale_ttl
+        return Envelope(
+            version,
+            self._codec.id,
+            payload,
+            flags,
+            expires_at=expires_at,
+            fresh_until=fresh_until,
+            load_ms=load_ms,
+        )
 
-    @staticmethod
-    def _ttl_ms(ttl: float | None) -> int:
-        return 0 if ttl is None else max(1, int(ttl * 1000))
+    def _redis_ttl_ms(self, env: Envelope) -> int:
+        """The Redis TTL in ms of an envelope (0: none)."""
+        if not env.expires_at:
+            return 0
+        return max(1, int((env.expires_at - self._clock.now_us() / 1e6) * 1000))
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()

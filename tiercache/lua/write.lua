@@ -2,7 +2,9 @@
 --
 -- KEYS[1] the partition's sequence counter, KEYS[2] its invalidation log (a capped stream),
 -- KEYS[3] the entry key (not given for a clear)
--- ARGV[1] op: "S" set, "D" delete, "C" clear (the caller already unlinked the entries)
+-- (ARGV[8] is the prefix for "P", empty for "C")
+-- ARGV[1] op: "S" set, "D" delete, "C" clear, "P" clear of the keys with a prefix (the caller
+-- already unlinked those entries)
 -- ARGV[2] proposed version (an integer below 2^53)
 -- ARGV[3] the envelope to store: the value (S) or the tombstone (D)
 -- ARGV[4] its TTL in ms (0: none), ARGV[5] origin id, ARGV[6] channel, ARGV[7] log length bound,
@@ -17,7 +19,7 @@ local op = ARGV[1]
 local version = tonumber(ARGV[2])
 local existed = 0
 
-if op ~= "C" then
+if op == "S" or op == "D" then
   local head = redis.call("GETRANGE", KEYS[3], 0, 13)
   local current = 0
   if #head == 14 and string.sub(head, 1, 2) == "TC" then
