@@ -6,6 +6,7 @@ import collections.abc
 import gc
 import math
 import os
+import random
 import sys
 import weakref
 from collections.abc import Callable
@@ -423,6 +424,24 @@ def test_getsizeof_exception_propagates(policy: str) -> None:
     assert dict(c.items()) == {"a": "x"} and c.currbytes == 1
 
 
+@pytest.mark.parametrize("maxsize", [1, 2, 3, 5])
+def test_written_key_survives_its_own_eviction(policy: str, maxsize: int) -> None:
+    """Random writes of light and heavy values (new keys and re-writes of every segment's
+    entries): the key just written is never evicted, and both bounds hold after every write."""
+    rnd = random.Random(f"{policy}{maxsize}")
+    for round_ in range(30):
+        c = LocalCache(maxsize, policy=policy, maxbytes=12, getsizeof=len, seed=round_)
+        for _ in range(60):
+            key = rnd.randrange(maxsize + 3)
+            if rnd.random() < 0.3:
+                c.get(key)
+                continue
+            c[key] = "w" * rnd.randint(1, 12)
+            assert key in c, f"{key} evicted by its own write"
+            assert len(c) <= maxsize and c.currbytes <= 12
+            assert c.currbytes == sum(map(len, c.values()))
+
+
 # -- TTL --------------------------------------------------------------------------------------
 
 
@@ -447,6 +466,46 @@ def test_ttl_expiry_boundary(policy: str) -> None:
         c.pop("k")
     stats = c.stats()
     assert stats["expirations"] == 2  # "own" removed by get(), "k" by pop()
+
+
+@pytest.mark.parametrize(
+    "read",
+    ["getitem", "get", "contains", "peek", "entry", "setdefault", "pop", "delitem", "iter", "len"],
+)
+def test_each_read_misses_exactly_at_expiry(policy: str, read: str) -> None:
+    """Every read sees an entry live just before ``expires`` and gone at exactly ``expires``."""
+
+    def observe(c: LocalCache) -> Any:
+        ops: dict[str, Callable[[], Any]] = {
+            "getitem": lambda: c["k"],
+            "get": lambda: c.get("k", "gone"),
+            "contains": lambda: "k" in c,
+            "peek": lambda: c.peek("k", "gone"),
+            "entry": lambda: c.entry("k") is not None,
+            "setdefault": lambda: c.setdefault("k", "new"),
+            "pop": lambda: c.pop("k", "gone"),
+            "delitem": lambda: c.__delitem__("k"),
+            "iter": lambda: list(c),
+            "len": lambda: len(c),
+        }
+        try:
+            return ops[read]()
+        except KeyError:
+            return KeyError
+
+    results = []
+    for offset in (-0.25, 0.0):
+        timer = FakeTimer(10.0)
+        c = LocalCache(4, policy=policy, timer=timer)
+        c.set("k", "v", ttl=2.0)
+        timer.now = 12.0 + offset
+        results.append(observe(c))
+    live = {"getitem": "v", "get": "v", "contains": True, "peek": "v", "entry": True}
+    live |= {"setdefault": "v", "pop": "v", "delitem": None, "iter": ["k"], "len": 1}
+    gone = {"getitem": KeyError, "get": "gone", "contains": False, "peek": "gone"}
+    gone |= {"entry": False, "setdefault": "new", "pop": "gone", "delitem": KeyError}
+    gone |= {"iter": [], "len": 0}
+    assert results == [live[read], gone[read]]
 
 
 def test_expired_entry_purged_before_live_eviction(policy: str) -> None:
@@ -598,6 +657,48 @@ def test_write_from_key_eq_during_read(policy: str) -> None:
     run_with_timeout(lambda: c.__setitem__("after", 2))
     assert c["after"] == 2
     assert_consistent(c)
+
+
+class _FlakyStoredKey:
+    """A key whose __eq__ raises on its ``fail_at``-th call only."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def __hash__(self) -> int:
+        return 42
+
+    def __eq__(self, other: object) -> bool:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise ValueError("flaky __eq__")
+        return self is other
+
+
+@pytest.mark.xfail(
+    not EXTENSIONS,
+    reason="pure-Python twin: when the map insertion of a new entry raises, the entry stays "
+    "linked in the policy, and a later eviction fails with KeyError",
+    strict=True,
+)
+def test_exception_from_key_eq_leaves_cache_consistent(policy: str) -> None:
+    """An exception from a key's __eq__ at any point of a write (the lookup's comparison, the
+    insertion's, an eviction's) propagates and leaves the cache consistent."""
+    for fail_at in range(1, 6):
+        c = LocalCache(2, policy=policy)
+        stored = _FlakyStoredKey(fail_at)
+        c[stored] = 1
+        for key in [_Colliding(), "x", "y", "z"]:
+            try:
+                c[key] = 2
+            except ValueError:
+                pass
+        stored.fail_at = 0  # disarmed: now the cache must simply work
+        for key in "abc":
+            c[key] = 0
+        assert len(c) == len(list(c)) == 2
+        assert_consistent(c)
 
 
 class _WritesOnDel:

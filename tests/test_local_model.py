@@ -3,10 +3,11 @@
 Each step runs one operation on the cache and on ``local_models.CacheModel`` and compares the
 outcomes (values and exception types); after every step the invariants compare the whole visible
 state: live keys and values, per-entry metadata, ``len``/``currsize``, ``stats()`` counters and the
-weight bound. Time only moves through a fake ``timer``. With ``lru`` and ``lfu`` the model predicts
-every victim, so any deviation from exact LRU order or from LFU (least count, then least recent)
-shows up as a differing key set; ``tinylfu`` is checked for mapping semantics, legal evictions and
-determinism (a second cache with the same seed sees the same operations).
+weight bound. Time only moves through a fake ``timer``, often exactly onto an expiry. With ``lru``
+and ``lfu`` the model predicts every victim, so any deviation from exact LRU order or from LFU
+(least count, then least recent) shows up as a differing key set; ``tinylfu`` is checked for
+mapping semantics, legal evictions and determinism (a second cache with the same seed sees the
+same operations).
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import math
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from hypothesis import HealthCheck, settings
+import pytest
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from tests.local_models import MISSING, CacheModel, FakeTimer, Oracle, outcome
+from tests.local_models import INF, MISSING, CacheModel, FakeTimer, Oracle, outcome
 from tiercache import LocalCache
 
 EXTRA_KEYS: list[Hashable] = ["a", "b", (1, 2), -1, -2, 2**70]  # hash(-1) == hash(-2) in CPython
-ALL_KEYS: list[Hashable] = [*range(16), *EXTRA_KEYS]
-KEYS = st.one_of(st.integers(0, 15), st.sampled_from(EXTRA_KEYS))
+ALL_KEYS: list[Hashable] = [*range(10), *EXTRA_KEYS]
+KEYS = st.one_of(st.integers(0, 9), st.sampled_from(EXTRA_KEYS))
 VALUES = st.text("xyz", max_size=10)  # weighed with len() when a weight is measured
 TTLS = st.sampled_from([None, 0.5, 1.0, 2.0, 3.5, math.inf])
 BAD_TTLS = st.sampled_from([0, 0.0, -1.0, math.nan])
@@ -33,9 +35,13 @@ FRESH = st.sampled_from([math.inf, 1000.5, 1003.0])
 STEPS = st.sampled_from([0.25, 0.5, 1.0, 1.5, 3.0])
 
 SETTINGS = settings(
-    max_examples=150,
+    max_examples=200,
     stateful_step_count=50,
     deadline=None,
+    # On failure, shrink one bug only and skip the explain phase (it traces every line): a
+    # failing run then reports in seconds rather than minutes.
+    report_multiple_bugs=False,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow],
 )
 
@@ -162,6 +168,15 @@ class LocalCacheMachine(RuleBasedStateMachine):
     def advance(self, step: float) -> None:
         self.timer.advance(step)
 
+    @rule(index=st.integers(0, 7), just_before=st.booleans())
+    def advance_to_an_expiry(self, index: int, just_before: bool) -> None:
+        """Move the clock exactly onto (or just before) a stored entry's expiry time."""
+        now = self.timer()
+        expiries = sorted({e.expires for e in self.model.data.values() if now < e.expires < INF})
+        if expiries:
+            target = expiries[index % len(expiries)]
+            self.timer.now = max(now, target - 0.125) if just_before else target
+
     @rule()
     def expire(self) -> None:
         self.do("expire")
@@ -242,3 +257,29 @@ TestLFU = LFUMachine.TestCase
 TestLFU.settings = SETTINGS
 TestTinyLFU = TinyLFUMachine.TestCase
 TestTinyLFU.settings = SETTINGS
+
+SOAK_SETTINGS = settings(SETTINGS, max_examples=3000, stateful_step_count=100)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+class TestLRUSoak(LRUMachine.TestCase):
+    """The lru machine for longer (make soak)."""
+
+    settings = SOAK_SETTINGS
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+class TestLFUSoak(LFUMachine.TestCase):
+    """The lfu machine for longer (make soak)."""
+
+    settings = SOAK_SETTINGS
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+class TestTinyLFUSoak(TinyLFUMachine.TestCase):
+    """The tinylfu machine for longer (make soak)."""
+
+    settings = SOAK_SETTINGS

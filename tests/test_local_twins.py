@@ -17,7 +17,7 @@ from collections.abc import Hashable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.local_models import FakeTimer, outcome
@@ -135,8 +135,10 @@ def test_twin_classes_and_names() -> None:
 
 
 @settings(
-    max_examples=300,
+    max_examples=600,
     deadline=None,
+    report_multiple_bugs=False,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(
