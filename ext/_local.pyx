@@ -25,6 +25,8 @@ from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memset
 
 import heapq
+import numbers
+import operator
 import sys
 from collections.abc import KeysView, Mapping, MutableMapping
 
@@ -549,6 +551,8 @@ cdef double _check_ttl(object ttl) except? -1.0:
     """The TTL as seconds (``inf`` for never); ``ValueError`` unless positive."""
     if ttl is None:
         return INF
+    if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real):
+        raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
     cdef double seconds = float(ttl)
     if not seconds > 0:  # also rejects NaN
         raise ValueError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
@@ -612,13 +616,13 @@ cdef class LocalCache:
         timer=None,
         seed=0,
     ):
-        maxsize = maxsize.__index__()
+        maxsize = operator.index(maxsize)
         if maxsize < 0:
             raise ValueError(f"maxsize must be >= 0, not {maxsize}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         if maxbytes is not None:
-            maxbytes = maxbytes.__index__()
+            maxbytes = operator.index(maxbytes)
             if maxbytes <= 0:
                 raise ValueError(f"maxbytes must be > 0 or None, not {maxbytes}")
             if getsizeof is None:
@@ -633,7 +637,7 @@ cdef class LocalCache:
         if timer is None:
             from tiercache._clock import monotonic as timer
         self._timer_public = timer
-        self._seed = (<object>seed) & MASK64
+        self._seed = operator.index(seed) & MASK64
         self._salt = mix64(self._seed ^ GOLDEN)
         self._set_policy(_new_policy(policy, maxsize, self._seed))
         self._hashed = policy == "tinylfu"
@@ -807,14 +811,23 @@ cdef class LocalCache:
         ``version`` and ``fresh_until`` (a time on this cache's timer) are metadata kept with
         the entry for the tier in front of Redis; the local tier itself never reads them.
         """
-        cdef unsigned long long v = version
+        cdef unsigned long long v = operator.index(version)
         self._set(key, value, self._ttl if ttl is None else _check_ttl(ttl), v, fresh_until)
 
-    cdef int _set(
+    cdef object _set(
         self, object key, object value, double seconds, unsigned long long version,
-        double fresh_until,
-    ) except -1:
-        cdef Py_ssize_t weight = 0 if self._getsizeof is None else self._weigh(value)
+        double fresh_until, bint only_if_absent=False,
+    ):
+        """Store ``value`` (or, ``only_if_absent``, keep a live value); return the one stored."""
+        cdef Py_ssize_t weight = 0
+        cdef object too_heavy = None  # (only_if_absent) raised only if the value would be stored
+        if self._getsizeof is not None:
+            try:
+                weight = self._weigh(value)
+            except ValueError as err:
+                if not only_if_absent:
+                    raise
+                too_heavy = err
         cdef double expires = INF if seconds == INF else self._now() + seconds
         cdef bint default_ttl = seconds == self._ttl
         cdef uint64_t h = 0
@@ -831,8 +844,12 @@ cdef class LocalCache:
         self._lock()
         try:
             if self._maxsize == 0:
+                if only_if_absent:
+                    self._misses += 1
+                    if too_heavy is not None:
+                        raise too_heavy
                 self._evictions += 1
-                return 0
+                return value
             if (
                 self._lru is not None
                 and self._maxbytes_c < 0
@@ -853,6 +870,11 @@ cdef class LocalCache:
             size = PyDict_GET_SIZE(<PyObject*>self._map)
             p = PyDict_SetDefault(self._map, key, e)
             if PyDict_GET_SIZE(<PyObject*>self._map) > size:
+                if only_if_absent:
+                    self._misses += 1
+                    if too_heavy is not None:
+                        PyDict_DelItem(self._map, key)  # nothing stored: undo the probe
+                        raise too_heavy
                 if e is victim:
                     # A full LRU cache: the victim's object is reused for the new key. It is in
                     # the map under both keys until the old one goes, which runs no Python code.
@@ -868,15 +890,19 @@ cdef class LocalCache:
                     PyDict_DelItem(self._map, evicted)
                     self._evictions += 1
                     self._set_expiry(e, expires, default_ttl)
-                    return 0
+                    return value
                 self._insert(e)
                 self._bytes += weight
                 self._set_expiry(e, expires, default_ttl)
                 if self._over():
                     evicted = self._shrink(e)
-                return 0
+                return value
             old = <Entry>p
             if old.expires == INF or self._now() < old.expires:
+                if only_if_absent:
+                    self._policy.touch(old)
+                    self._hits += 1
+                    return old.value
                 replaced = old.value
                 self._bytes += weight - old.weight
                 old.value = value
@@ -887,7 +913,11 @@ cdef class LocalCache:
                 self._policy.touch(old)
                 if self._over():
                     evicted = self._shrink(old)
-                return 0
+                return value
+            if only_if_absent:
+                self._misses += 1
+                if too_heavy is not None:
+                    raise too_heavy  # nothing changed, not even an expiry
             self._remove(old)  # an expired entry is replaced by a new one, not updated
             self._expirations += 1
             replaced = old
@@ -904,7 +934,7 @@ cdef class LocalCache:
                 evicted = self._shrink(e)
         finally:
             self._unlock()
-        return 0
+        return value
 
     cdef inline bint _recyclable(self, Entry victim) noexcept:
         """Whether the victim's object can be reused without anyone noticing.
@@ -981,8 +1011,7 @@ cdef class LocalCache:
         self._detach_expiry(e)
 
     def __delitem__(self, key):
-        if self.pop(key, _MISSING) is _MISSING:
-            raise KeyError(key)
+        self.pop(key)
 
     def pop(self, key, default=_MISSING):
         """Remove ``key`` and return its value, else ``default`` (``KeyError`` if not given)."""
@@ -1021,22 +1050,7 @@ cdef class LocalCache:
 
     def setdefault(self, key, default=None):
         """The value of ``key`` (counted as a use); if absent, store and return ``default``."""
-        cdef PyObject* p
-        cdef Entry e
-        self._lock()
-        try:
-            p = dict_lookup(<PyObject*>self._map, <PyObject*>key)
-            if p != NULL:
-                e = <Entry>p
-                if e.expires == INF or self._now() < e.expires:
-                    self._policy.touch(e)
-                    self._hits += 1
-                    return e.value
-            self._misses += 1
-        finally:
-            self._unlock()
-        self._set(key, default, self._ttl, 0, INF)
-        return default
+        return self._set(key, default, self._ttl, 0, INF, True)
 
     def update(self, other=(), /, **kwargs):
         """Store every pair of ``other`` (a mapping or pairs) and of ``kwargs``."""
@@ -1055,11 +1069,11 @@ cdef class LocalCache:
     def clear(self):
         """Remove every entry (statistics are kept)."""
         cdef Entry e
-        cdef dict old
+        cdef list old
         self._lock()
         try:
-            old = self._map
-            for e in old.values():
+            old = list(self._map.values())  # released after the flag
+            for e in old:
                 e.link.prev = NULL  # concurrent hits holding it must not touch a dead ring
                 e.link.next = NULL
                 e.tlink.prev = NULL
@@ -1067,7 +1081,7 @@ cdef class LocalCache:
                 e.freq = NULL
                 e.segment = NONE
                 e.heap_seq = 0
-            self._map = {}
+            self._map.clear()  # in place: an iteration in progress raises, as over a dict
             self._heap = []
             ring_init(&self._ttl_ring)
             self._bytes = 0

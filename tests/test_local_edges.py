@@ -676,12 +676,6 @@ class _FlakyStoredKey:
         return self is other
 
 
-@pytest.mark.xfail(
-    not EXTENSIONS,
-    reason="pure-Python twin: when the map insertion of a new entry raises, the entry stays "
-    "linked in the policy, and a later eviction fails with KeyError",
-    strict=True,
-)
 def test_exception_from_key_eq_leaves_cache_consistent(policy: str) -> None:
     """An exception from a key's __eq__ at any point of a write (the lookup's comparison, the
     insertion's, an eviction's) propagates and leaves the cache consistent."""

@@ -21,13 +21,17 @@ Semantics shared by both implementations (the test suite runs against each):
 * Threads: every mutation runs under the cache's own mutex; a callback that re-enters a mutation
   of the same cache from the mutating thread (a ``__del__`` or weakref callback fired by the
   garbage collector mid-write, a key's ``__eq__``) gets ``RuntimeError`` rather than a deadlock.
-  Iterating while another thread writes may raise ``RuntimeError`` as a dict does.
+  Iterating while another thread writes may raise ``RuntimeError`` as a dict does. The bounds
+  hold between operations: while Python code runs inside a write (a key's ``__eq__``, a Python
+  timer), another thread may see ``len`` or ``currbytes`` one write over them.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import numbers
+import operator
 import sys
 from collections.abc import (
     Callable,
@@ -39,7 +43,7 @@ from collections.abc import (
     MutableMapping,
     ValuesView,
 )
-from threading import Lock, get_ident
+from threading import RLock
 from typing import Any
 
 from . import _clock
@@ -333,23 +337,28 @@ _POLICY_CLASSES = {"lru": _LRU, "lfu": _LFU, "tinylfu": _TinyLFU}
 
 
 class _Mutex:
-    """The cache's mutex: re-entry from the holding thread raises instead of deadlocking."""
+    """The cache's mutex: re-entry from the holding thread raises instead of deadlocking.
 
-    __slots__ = ("_lock", "_owner")
+    An RLock lets the holding thread in again, and the busy flag then refuses it; the flag is
+    set only while the lock is held, so a re-entry between acquiring and setting it (or between
+    clearing it and releasing) finds no work in progress and is harmless.
+    """
+
+    __slots__ = ("_busy", "_lock")
 
     def __init__(self) -> None:
-        self._lock = Lock()
-        self._owner = 0
+        self._lock = RLock()
+        self._busy = False
 
     def __enter__(self) -> None:
-        if not self._lock.acquire(False):
-            if self._owner == get_ident():
-                raise RuntimeError("LocalCache mutated from a callback of its own mutation")
-            self._lock.acquire()
-        self._owner = get_ident()
+        self._lock.acquire()
+        if self._busy:
+            self._lock.release()
+            raise RuntimeError("LocalCache mutated from a callback of its own mutation")
+        self._busy = True
 
     def __exit__(self, *exc: object) -> None:
-        self._owner = 0
+        self._busy = False
         self._lock.release()
 
 
@@ -357,6 +366,8 @@ def _check_ttl(ttl: float | None, name: str = "ttl") -> float:
     """The TTL as seconds (``inf`` for never); ``ValueError`` unless positive."""
     if ttl is None:
         return INF
+    if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(ttl).__name__}")
     seconds = float(ttl)
     if not seconds > 0:  # also rejects NaN
         raise ValueError(f"{name} must be a positive number of seconds or None, not {ttl!r}")
@@ -377,13 +388,13 @@ class LocalCache(MutableMapping):
         timer: Callable[[], float] | None = None,
         seed: int = 0,
     ) -> None:
-        maxsize = int(maxsize.__index__())
+        maxsize = operator.index(maxsize)
         if maxsize < 0:
             raise ValueError(f"maxsize must be >= 0, not {maxsize}")
         if policy not in _POLICY_CLASSES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         if maxbytes is not None:
-            maxbytes = int(maxbytes.__index__())
+            maxbytes = operator.index(maxbytes)
             if maxbytes <= 0:
                 raise ValueError(f"maxbytes must be > 0 or None, not {maxbytes}")
             if getsizeof is None:
@@ -394,7 +405,7 @@ class LocalCache(MutableMapping):
         self._maxbytes = maxbytes
         self._getsizeof = getsizeof
         self._timer: Callable[[], float] = timer if timer is not None else _clock.monotonic
-        self._seed = int(seed) & MASK64
+        self._seed = operator.index(seed) & MASK64
         self._salt = mix64(self._seed ^ _GOLDEN)
         self._policy: Any = _POLICY_CLASSES[policy](maxsize, self._seed)
         self._hashed = policy == "tinylfu"
@@ -513,10 +524,28 @@ class LocalCache(MutableMapping):
         ``version`` and ``fresh_until`` (a time on this cache's timer) are metadata kept with
         the entry for the tier in front of Redis; the local tier itself never reads them.
         """
+        version = operator.index(version)
         if not 0 <= version <= MASK64:
             raise OverflowError(f"version must fit in 64 bits unsigned, not {version!r}")
-        weight = self._weigh(value)
-        seconds = self._ttl if ttl is None else _check_ttl(ttl)
+        self._store(key, value, self._ttl if ttl is None else _check_ttl(ttl), version, fresh_until)
+
+    def _store(
+        self,
+        key: Hashable,
+        value: Any,
+        seconds: float,
+        version: int = 0,
+        fresh_until: float = INF,
+        only_if_absent: bool = False,
+    ) -> Any:
+        """Store ``value`` (or, ``only_if_absent``, keep a live value); return the one stored."""
+        weight, too_heavy = 0, None
+        try:
+            weight = self._weigh(value)
+        except ValueError as err:
+            if not only_if_absent:
+                raise
+            too_heavy = err  # raised only if the value would be stored (a miss)
         expires = self._timer() + seconds if seconds != INF else INF
         # Replaced and evicted values are dropped after the mutex is released, so finalizers
         # that run then see a consistent cache.
@@ -524,7 +553,16 @@ class LocalCache(MutableMapping):
         old_value = None
         with self._mutex:
             e = self._map.get(key)
-            if e is not None and e.expires != INF and self._timer() >= e.expires:
+            live = e is not None and (e.expires == INF or self._timer() < e.expires)
+            if only_if_absent:
+                if live:
+                    self._policy.touch(e)
+                    self._hits += 1
+                    return e.value  # type: ignore[union-attr]
+                self._misses += 1
+                if too_heavy is not None:
+                    raise too_heavy  # nothing changed, not even an expiry
+            if e is not None and not live:
                 self._remove(e)  # an expired entry is replaced by a new one, not updated
                 self._expirations += 1
                 evicted.append(e)
@@ -540,7 +578,7 @@ class LocalCache(MutableMapping):
                 self._policy.touch(e)
             elif self._maxsize == 0:
                 self._evictions += 1
-                return
+                return value
             else:
                 e = Entry(key, value)
                 e.weight = weight
@@ -549,11 +587,16 @@ class LocalCache(MutableMapping):
                 if self._hashed:
                     e.hash = mix64((hash(key) ^ self._salt) & MASK64)
                 self._policy.insert(e)  # linked before it is findable, as the C twin needs
-                self._map[key] = e
+                try:
+                    self._map[key] = e
+                except BaseException:  # a key's __eq__ raised, or no memory: undo the link
+                    self._policy.remove(e)
+                    raise
                 self._bytes += weight
                 self._set_expiry(e, expires)
             self._shrink(e, evicted)
         del old_value, evicted
+        return value
 
     def _weigh(self, value: Any) -> int:
         if self._getsizeof is None:
@@ -605,8 +648,7 @@ class LocalCache(MutableMapping):
         e.heap_seq = 0
 
     def __delitem__(self, key: Hashable) -> None:
-        if self.pop(key, _MISSING) is _MISSING:
-            raise KeyError(key)
+        self.pop(key)
 
     def pop(self, key: Hashable, default: Any = _MISSING) -> Any:
         """Remove ``key`` and return its value, else ``default`` (``KeyError`` if not given)."""
@@ -635,15 +677,7 @@ class LocalCache(MutableMapping):
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         """The value of ``key`` (counted as a use); if absent, store and return ``default``."""
-        with self._mutex:
-            e = self._map.get(key)
-            if e is not None and (e.expires == INF or self._timer() < e.expires):
-                self._policy.touch(e)
-                self._hits += 1
-                return e.value
-            self._misses += 1
-        self.set(key, default)
-        return default
+        return self._store(key, default, self._ttl, only_if_absent=True)
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Store every pair of ``other`` (a mapping or pairs) and of ``kwargs``."""
@@ -662,11 +696,11 @@ class LocalCache(MutableMapping):
     def clear(self) -> None:
         """Remove every entry (statistics are kept)."""
         with self._mutex:
-            old = self._map
-            for e in old.values():
+            old = list(self._map.values())  # released after the mutex
+            for e in old:
                 e.prev = e.next = e.freq = None
                 e.segment = NONE
-            self._map = {}
+            self._map.clear()  # in place: an iteration in progress raises, as over a dict
             self._heap = []
             self._bytes = 0
             self._policy = _POLICY_CLASSES[self._policy_name](self._maxsize, self._seed)

@@ -69,7 +69,10 @@ def _encode_subclass(key: object) -> bytes:
 
 def decode_key(data: bytes) -> KeyType:
     """The key whose encoding is ``data`` (the inverse of ``encode_key``); ``ValueError`` if bad."""
-    key, end = _decode(data, 0, len(data))
+    try:
+        key, end = _decode(data, 0, len(data))
+    except (OverflowError, RecursionError) as err:  # a float beyond range, absurd nesting
+        raise ValueError(f"undecodable encoded key {data[:40]!r}: {err}") from err
     if end != len(data):
         raise ValueError(f"trailing bytes in encoded key {data[:40]!r}")
     return key

@@ -11,6 +11,7 @@ The decisions (what is a gap, what to replay) are tiercache.protocol's.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -74,6 +75,7 @@ class Listener:
         self._conn: Any = None
         self._synced_once = False
         self._was_healthy = False
+        self._pumping = False
         self.malformed = 0
         self.gaps = 0
         self.disconnects = 0
@@ -86,10 +88,16 @@ class Listener:
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread and close its connection, waiting at most ``timeout`` seconds."""
         self._stop.set()
         self._healthy.clear()
+        sock = getattr(self._conn, "_sock", None)
+        if sock is not None:  # wake a read that would wait for its timeout; the thread closes
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -134,15 +142,21 @@ class Listener:
         conn = self._conn = self._driver.listener_connection(self._name)
         conn.send_command("SUBSCRIBE", *self._channels)
         self._await_subscriptions(conn)
+        if self._stop.is_set():
+            return
         for partition in self._trackers:
             self._catch_up(partition)
         self._set_healthy()
-        self._pump(conn)
+        self._pumping = True
+        try:
+            self._pump(conn)
+        finally:
+            self._pumping = False
 
     def _await_subscriptions(self, conn: Any) -> None:
         pending = set(self._channels)
         deadline = time.monotonic() + self._subscribe_timeout
-        while pending:
+        while pending and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise redis.TimeoutError("no subscription acknowledgement in time")
@@ -192,7 +206,8 @@ class Listener:
             self.gaps += 1
             self._set_unhealthy(f"{verdict.value} in partition {partition}")
             self._catch_up(partition)
-            self._set_healthy()
+            if self._pumping:  # (while subscribing, the session turns healthy when all caught up)
+                self._set_healthy()
 
     def _catch_up(self, partition: int) -> None:
         """Bring one partition up to its counter: replay from the log, else have the cache flush."""

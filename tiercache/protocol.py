@@ -76,6 +76,12 @@ class VersionClock:
             self._last = version
             return version
 
+    def copy(self) -> VersionClock:
+        """A clock in the same state with a lock of its own (for a forked child)."""
+        clock = VersionClock(self._wall_ns)
+        clock._offset_us, clock._last = self._offset_us, self._last
+        return clock
+
     def observe(self, version: int) -> None:
         """Note a version issued elsewhere, so the next one issued here is above it."""
         with self._lock:

@@ -71,6 +71,7 @@ _WRITE_ATTEMPTS = 3
 _LOG_INTERVAL = 10.0
 _POLL_FIRST = 0.002  # first wait for another process' fill, then x1.5 up to _POLL_MAX
 _POLL_MAX = 0.05
+_MAX_CLOCK_LEAD_US = 3_600_000_000  # a version more than 1 h ahead of Redis time is not believed
 _XFETCH_HORIZON = math.log(1000.0)  # beyond this many beta*delta an early refresh is < 0.1%
 
 # What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value).
@@ -238,6 +239,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._random = random.Random().random
         self._flights = SingleFlight()
         self._subtiers: weakref.WeakValueDictionary[str, SubTier] = weakref.WeakValueDictionary()
+        self._refresh_workers = refresh_workers
         self._refresher = Refresher(refresh_workers, name=f"tiercache:{namespace}")
         self._on_write_error = on_write_error
         self._l1_args = {
@@ -310,11 +312,18 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 self._listener.start()
 
     def _after_fork(self) -> None:
-        """In a forked child: no thread, no trusted local copy; connections are redone lazily."""
+        """In a forked child: no thread, no trusted local copy; connections are redone lazily.
+
+        Every lock and flag a parent's thread may have held at the fork is made anew.
+        """
         self._set_usable(False)
         self._listener = None
         self._listener_lock = threading.Lock()
         self._counters = _Counters()
+        self._origin = secrets.token_hex(6)
+        self._clock = self._clock.copy()
+        self._flights = SingleFlight()
+        self._refresher = Refresher(self._refresh_workers, name=f"tiercache:{self.namespace}")
         self._fresh_local_tier()  # the parent's locks and flags may have been held mid-write
         for sub in list(self._subtiers.values()):
             sub._rebind_local()
@@ -339,7 +348,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def apply(self, msg: Invalidation) -> None:
         """Apply one invalidation from another process (or this one's own echo)."""
         self._counters.add("invalidations_received")
-        self._clock.observe(msg.version)
+        plausible = msg.version <= self._clock.now_us() + _MAX_CLOCK_LEAD_US
+        if plausible:  # a version far in the future (forged) must not poison the clock
+            self._clock.observe(msg.version)
         if msg.op == OP_CLEAR:
             self._forget_local()
             return
@@ -348,9 +359,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return
         slot = self._slot(None, msg.key)
         with self._guard.lock:
-            self._guard.observe(slot.guard, msg.version)
+            if plausible:  # nor make the key uncacheable here: it only costs a miss
+                self._guard.observe(slot.guard, msg.version)
             e = slot.l1.entry(slot.key)
-            if e is not None and e.version < msg.version:
+            if e is not None and (e.version < msg.version or not plausible):
                 slot.l1.pop(slot.key, None)
 
     def flush(self, reason: str) -> None:
@@ -399,6 +411,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 self._driver.announce_clear(partition, self._clock.next(), self._origin, prefix)
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis clear failed: {err}") from err
+        finally:
+            self._forget_prefix(prefix)
 
     # -- local tiers ------------------------------------------------------------------------------
 
@@ -960,7 +974,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._ensure_listener()
         result = self._write(key, encoded, slot, OP_DELETE, env)
         if result is None:
-            return was_local
+            return True  # Redis failed and the failure was swallowed: it may have been there
         self._counters.add("deletes")
         return was_local or result.existed
 
@@ -974,6 +988,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 self._driver.announce_clear(partition, self._clock.next(), self._origin)
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis clear failed: {err}") from err
+        finally:
+            self._forget_local()  # what a reader of this process installed meanwhile, too
 
     # -- the namespace as a mapping ---------------------------------------------------------
 
