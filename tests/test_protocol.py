@@ -174,12 +174,13 @@ def test_message_round_trip(msg: Invalidation) -> None:
 def test_message_wire_format() -> None:
     # The exact bytes write.lua publishes (and tools/tests may forge).
     raw = format_message(42, 99, "abc123", OP_SET, b"sk\ney 1")
-    assert raw == b"TC1 42 + 99 abc123 S\nsk\ney 1"
+    assert raw == b"TC1 42 + 99 abc123 S -\nsk\ney 1"  # "-": not signed
     assert parse_message(raw).key == b"sk\ney 1"  # newlines and spaces in the key are fine
-    first = format_message(R, 5, "o", OP_DELETE, b"sk", restart=True)
-    assert first == b"TC1 %d R 5 o D\nsk" % R
+    first = format_message(R, 5, "o", OP_DELETE, b"sk", restart=True, sig="ab" * 16)
+    assert first == b"TC1 %d R 5 o D %s\nsk" % (R, b"ab" * 16)
     assert parse_message(first).restart is True
-    assert format_message(3, 7, "o", OP_CLEAR, b"") == b"TC1 3 + 7 o C\n"
+    assert parse_message(first).sig == "ab" * 16
+    assert format_message(3, 7, "o", OP_CLEAR, b"") == b"TC1 3 + 7 o C -\n"
 
 
 GOOD = format_message(3, 7, "o", OP_SET, b"sk")
@@ -189,32 +190,32 @@ GOOD = format_message(3, 7, "o", OP_SET, b"sk")
     "data",
     [
         b"",
-        b"TC1 3 + 7 o S",  # no newline
-        b"TC2 3 + 7 o S\nsk",  # wrong tag
-        b"TC1 3 + 7 o\nsk",  # a field missing
-        b"TC1 3 + 7 o S extra\nsk",  # a field too many
-        b"TC1  3 + 7 o S\nsk",  # an empty field
-        b"TC1 3 x 7 o S\nsk",  # neither R nor +
-        b"TC1 3 r 7 o S\nsk",
-        b"TC1 3 - 7 o S\nsk",
-        b"TC1 3 ++ 7 o S\nsk",
-        b"TC1 y + 7 o S\nsk",
-        b"TC1 3 + z o S\nsk",
-        b"TC1 0 + 7 o S\nsk",  # numbers start at 1
-        b"TC1 -1 + 7 o S\nsk",
-        b"TC1 %d + 7 o S\nsk" % VERSION_LIMIT,
-        b"TC1 3 + -7 o S\nsk",
-        b"TC1 3 + %d o S\nsk" % VERSION_LIMIT,
-        b"TC1 3 + %d o S\nsk" % 2**63,
-        b"TC1 3 + 7 o X\nsk",  # unknown op
-        b"TC1 3 + 7 o s\nsk",
-        b"TC1 3 + 7 o S\n",  # a set without a key
-        b"TC1 3 + 7 o D\n",  # a delete without a key
-        b"TC1 3 + 7 o C\nsk",  # a clear with a key
-        b"TC1 3 + 7 \xff S\nsk",  # non-ASCII origin
-        b"TC1 3 + 7 o \xc3\xa9\nsk",
-        b"TC1 3 + 7 o S\nsk" + b"x" * MAX_MESSAGE_BYTES,  # too large
-        b"TC1 " + b"9" * 5000 + b" + 7 o S\nsk",  # an absurd number
+        b"TC1 3 + 7 o S -",  # no newline
+        b"TC2 3 + 7 o S -\nsk",  # wrong tag
+        b"TC1 3 + 7 o S\nsk",  # a field missing
+        b"TC1 3 + 7 o S - extra\nsk",  # a field too many
+        b"TC1  3 + 7 o S -\nsk",  # an empty field
+        b"TC1 3 x 7 o S -\nsk",  # neither R nor +
+        b"TC1 3 r 7 o S -\nsk",
+        b"TC1 3 - 7 o S -\nsk",
+        b"TC1 3 ++ 7 o S -\nsk",
+        b"TC1 y + 7 o S -\nsk",
+        b"TC1 3 + z o S -\nsk",
+        b"TC1 0 + 7 o S -\nsk",  # numbers start at 1
+        b"TC1 -1 + 7 o S -\nsk",
+        b"TC1 %d + 7 o S -\nsk" % VERSION_LIMIT,
+        b"TC1 3 + -7 o S -\nsk",
+        b"TC1 3 + %d o S -\nsk" % VERSION_LIMIT,
+        b"TC1 3 + %d o S -\nsk" % 2**63,
+        b"TC1 3 + 7 o X -\nsk",  # unknown op
+        b"TC1 3 + 7 o s -\nsk",
+        b"TC1 3 + 7 o S -\n",  # a set without a key
+        b"TC1 3 + 7 o D -\n",  # a delete without a key
+        b"TC1 3 + 7 o C -\nsk",  # a clear with a key
+        b"TC1 3 + 7 \xff S -\nsk",  # non-ASCII origin
+        b"TC1 3 + 7 o \xc3\xa9 -\nsk",
+        b"TC1 3 + 7 o S -\nsk" + b"x" * MAX_MESSAGE_BYTES,  # too large
+        b"TC1 " + b"9" * 5000 + b" + 7 o S -\nsk",  # an absurd number
     ],
 )
 def test_malformed_messages_raise_value_error(data: bytes) -> None:

@@ -75,18 +75,33 @@ def _canonical(value: Any) -> Any:
 
 
 class _Keys:
-    """How a function's calls become local keys and Redis keys."""
+    """How a function's calls become local keys and Redis keys.
 
-    def __init__(self, name: str, typed: bool, key: Callable[..., Any] | None) -> None:
+    Arguments are bound to the function's parameters first, so ``f(1)``, ``f(x=1)`` and
+    ``f(*[1])`` are one call; keyword-only arguments go in any order. Defaults are not filled
+    in: ``f(1)`` and ``f(1, y=2)`` are two keys even when 2 is y's default (as in functools).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        typed: bool,
+        key: Callable[..., Any] | None,
+        signature: inspect.Signature | None,
+    ) -> None:
         self.name = name
         self.typed = typed
         self.key = key
+        self.signature = signature
 
     def of_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Hashable, tuple]:
         """(local key, Redis key) of a call."""
         if self.key is not None:
             k = self.key(*args, **kwargs)
             return self.local(_KEY_FN, k), (CALL_MARK, self.name, _KEY_FN, k)
+        if kwargs and self.signature is not None:
+            bound = self.signature.bind(*args, **kwargs)  # TypeError, as the call would
+            args, kwargs = bound.args, bound.kwargs
         if not self.typed:
             args = tuple(_canonical(a) for a in args)
             kwargs = {k: _canonical(v) for k, v in kwargs.items()}
@@ -127,7 +142,7 @@ class CachedFunction(CallFront):
         self._tiered = cache
         self._ttl = ttl
         self._owns_cache = owns_cache
-        self._keys = _Keys(name or f"{fn.__module__}.{fn.__qualname__}", typed, key)
+        self._keys = _Keys(name or _qualified(fn), typed, key, _signature(fn))
         self._local_maxsize = local_maxsize
         self._lock = threading.Lock()
         self._remote_hits = 0
@@ -232,7 +247,7 @@ class AsyncCachedFunction:
         self._tiered = cache
         self._ttl = ttl
         self._owns_cache = owns_cache
-        self._keys = _Keys(name or f"{fn.__module__}.{fn.__qualname__}", typed, key)
+        self._keys = _Keys(name or _qualified(fn), typed, key, _signature(fn))
         self.local = LocalCache(local_maxsize, **cache._l1_args)
         self._flights: dict[Hashable, asyncio.Future[Any]] = {}
         self._remote_hits = 0
@@ -297,6 +312,17 @@ class AsyncCachedFunction:
         return self._tiered.invalidate(rkey)
 
     close = CachedFunction.close
+
+
+def _qualified(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: arguments are taken as given
+        return None
 
 
 def _release_pending(cache: TieredCache, pending: Any) -> None:

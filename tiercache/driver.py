@@ -19,7 +19,15 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from .envelope import FLAG_ABSENT, FLAG_LEASE, FLAG_NOT_A_VALUE, FORMAT, HEADER, MAGIC
+from .envelope import (
+    FLAG_ABSENT,
+    FLAG_LEASE,
+    FLAG_NOT_A_VALUE,
+    FORMAT,
+    HEADER,
+    MAGIC,
+    VERSION_LIMIT,
+)
 from .keys import KeySpace, escape_glob
 from .protocol import Invalidation, parse_message
 
@@ -109,6 +117,19 @@ class SyncDriver:
 
     # -- values ---------------------------------------------------------------------------
 
+    def get_and(self, name: bytes, command: tuple[Any, ...]) -> tuple[bytes | None, Any]:
+        """GET ``name`` and run ``command`` in the same round trip; (value, command's reply).
+
+        The command's error (say, an unknown command) comes back as its reply, not raised.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(name)
+        pipe.execute_command(*command)
+        raw, reply = pipe.execute(raise_on_error=False)
+        if isinstance(raw, Exception):
+            raise raw
+        return raw, reply
+
     def mget(self, names: list[bytes]) -> list[bytes | None]:
         """The raw values of several keys in one round trip."""
         return self.client.mget(names) if names else []
@@ -126,8 +147,13 @@ class SyncDriver:
         *,
         ttl_ms: int,
         origin: str,
+        sig: str = "-",
+        ceiling: int = VERSION_LIMIT - 1,
     ) -> WriteResult:
-        """Store the envelope of a set ("S") or delete ("D") at ``version`` and announce it."""
+        """Store the envelope of a set ("S") or delete ("D") at ``version`` and announce it.
+
+        ``sig`` signs the message; a stored version above ``ceiling`` is taken as planted.
+        """
         counter, log, entry = self.keys.script_keys(encoded)
         return _write_result(
             self._run(
@@ -142,12 +168,14 @@ class SyncDriver:
                     self.keys.channel(self.keys.partition(encoded)),
                     self.log_maxlen,
                     encoded,
+                    sig,
+                    ceiling,
                 ],
             )
         )
 
     def announce_clear(
-        self, partition: int, version: int, origin: str, prefix: bytes = b""
+        self, partition: int, version: int, origin: str, prefix: bytes = b"", sig: str = "-"
     ) -> WriteResult:
         """Publish a clear of the partition, or of its keys starting with ``prefix`` (encoded).
 
@@ -166,14 +194,23 @@ class SyncDriver:
                     self.keys.channel(partition),
                     self.log_maxlen,
                     prefix,
+                    sig,
+                    VERSION_LIMIT - 1,
                 ],
             )
         )
 
-    def lease(self, encoded: bytes, token: bytes, ttl_ms: int) -> LeaseResult:
-        """Take the fill lease of ``encoded`` unless a value is there or another fill holds it."""
-        reply = self._run("lease", [self.keys.value(encoded)], [lease_envelope(token, 0), ttl_ms])
-        return _lease_result(reply, token)
+    def lease(
+        self, encoded: bytes, token: bytes, ttl_ms: int, replace: bytes | None = None
+    ) -> LeaseResult:
+        """Take the fill lease of ``encoded`` unless a value is there or another fill holds it.
+
+        ``replace``: bytes read there and rejected; if still there, the lease replaces them.
+        """
+        args: list[Any] = [lease_envelope(token, 0), ttl_ms]
+        if replace is not None:
+            args.append(replace)
+        return _lease_result(self._run("lease", [self.keys.value(encoded)], args), token)
 
     def leases(self, encoded: list[bytes], token: bytes, ttl_ms: int) -> list[LeaseResult]:
         """``lease`` for several keys in one round trip."""

@@ -99,19 +99,27 @@ class Invalidation:
     origin: str
     op: str
     key: bytes  # the encoded key; empty for a clear
+    sig: str = "-"  # the writer's signature of (key, version, op, origin), "-" if none
 
 
 def format_message(
-    seq: int, version: int, origin: str, op: str, key: bytes, restart: bool = False
+    seq: int,
+    version: int,
+    origin: str,
+    op: str,
+    key: bytes,
+    restart: bool = False,
+    sig: str = "-",
 ) -> bytes:
     """The message bytes the write script publishes (for tests and tools)."""
-    return b"%s %d %s %d %s %s\n%s" % (
+    return b"%s %d %s %d %s %s %s\n%s" % (
         MESSAGE_TAG,
         seq,
         b"R" if restart else b"+",
         version,
         origin.encode(),
         op.encode(),
+        sig.encode(),
         key,
     )
 
@@ -122,18 +130,18 @@ def parse_message(data: bytes) -> Invalidation:
         raise ValueError("invalidation message of the wrong type or too large")
     head, sep, key = data.partition(b"\n")
     fields = head.split(b" ")
-    if not sep or len(fields) != 6 or fields[0] != MESSAGE_TAG or fields[2] not in (b"R", b"+"):
+    if not sep or len(fields) != 7 or fields[0] != MESSAGE_TAG or fields[2] not in (b"R", b"+"):
         raise ValueError("malformed invalidation message")
     try:
         seq, version = int(fields[1]), int(fields[3])
-        origin, op = fields[4].decode("ascii"), fields[5].decode("ascii")
+        origin, op, sig = (f.decode("ascii") for f in fields[4:7])
     except (UnicodeDecodeError, ValueError) as err:
         raise ValueError("malformed invalidation message") from err
     if op not in OPS or not 0 < seq < VERSION_LIMIT or not 0 <= version < VERSION_LIMIT:
         raise ValueError("invalidation message with invalid fields")
     if (op == OP_CLEAR) != (not key):
         raise ValueError("invalidation message with a missing or unexpected key")
-    return Invalidation(seq, fields[2] == b"R", version, origin, op, key)
+    return Invalidation(seq, fields[2] == b"R", version, origin, op, key, sig)
 
 
 class Verdict(enum.Enum):

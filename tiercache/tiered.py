@@ -18,6 +18,7 @@ they are kept:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -34,10 +35,11 @@ import redis as redis_lib
 
 from . import server as server_mod
 from ._sentinel import MISSING
-from .codec import Codec, resolve_codec
+from .codec import Codec, compress, decompress, resolve_codec
 from .driver import LeaseResult, SyncDriver, make_client
 from .envelope import (
     COMPRESSION_MASK,
+    COMPRESSION_SHIFT,
     FLAG_ABSENT,
     FLAG_NOT_A_VALUE,
     FLAG_TOMBSTONE,
@@ -62,6 +64,7 @@ from .protocol import (
     jittered,
     xfetch_due,
 )
+from .signing import SIGNATURE_SIZE, Secret, Signer
 from .stampede import Refresher, SingleFlight
 
 log = logging.getLogger("tiercache")
@@ -72,6 +75,8 @@ _LOG_INTERVAL = 10.0
 _POLL_FIRST = 0.002  # first wait for another process' fill, then x1.5 up to _POLL_MAX
 _POLL_MAX = 0.05
 _MAX_CLOCK_LEAD_US = 3_600_000_000  # a version more than 1 h ahead of Redis time is not believed
+_INFLATION = 32  # a compressed payload may decode to at most this many times max_value_bytes
+_REJECTED: Any = object()  # what _decode says of bytes that do not verify or parse
 _XFETCH_HORIZON = math.log(1000.0)  # beyond this many beta*delta an early refresh is < 0.1%
 
 # What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value).
@@ -101,6 +106,33 @@ class _PendingLoad(NamedTuple):
 # function's own local tier (see tiercache.decorator), found by the encoded key's prefix.
 CALL_MARK = "tiercache.call"
 _CALL_PREFIX = encode_key((CALL_MARK,))
+
+
+class NegativeFilter(Protocol):
+    """What the cache asks of a negative filter (tiercache.bloom): the keys that may exist.
+
+    It must never call a registered key absent; when it cannot be sure (its Redis key is gone,
+    a registration failed), ``probe`` returns None and the cache does not filter.
+    """
+
+    def probe(self, encoded: bytes) -> tuple[Any, ...] | None:
+        """A Redis command whose reply tells whether ``encoded`` may exist, or None (off)."""
+
+    def absent(self, reply: Any) -> bool:
+        """Whether the probe's reply proves the key absent from the origin."""
+
+    def register(self, encoded: bytes) -> None:
+        """Note that ``encoded`` exists in the origin (called before its value is stored)."""
+
+    def note(self, event: str) -> None:
+        """Count an event: "avoided" (a load the filter spared), "false_positive"."""
+
+
+class FilterFactory(Protocol):
+    """A negative filter's configuration (tiercache.bloom.BloomConfig)."""
+
+    def open(self, driver: SyncDriver) -> NegativeFilter:
+        """The filter of the cache that ``driver`` serves."""
 
 
 class SubTier(Protocol):
@@ -143,6 +175,8 @@ class _Counters:
         "resyncs",
         "flushes",
         "rejected_payloads",
+        "unsigned_messages",
+        "filtered",
         "stale_served",
         "refreshes",
         "lease_timeouts",
@@ -191,6 +225,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         ttl: float | None = None,
         loader: Callable[[Any], Any] | None = None,
         serializer: str | Codec | None = None,
+        secret: Secret | None = None,
+        bloom: FilterFactory | None = None,
+        max_value_bytes: int = 1 << 20,
+        compress_over: int | None = None,
         negative_ttl: float = 30.0,
         stale_ttl: float = 0.0,
         ttl_jitter: float = 0.0,
@@ -225,6 +263,16 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             )
         self._keys = KeySpace(namespace, partitions)
         self._codec = resolve_codec(serializer)
+        if self._codec.name == "pickle" and secret is None:
+            raise ValueError(
+                "serializer='pickle' needs secret=: pickle runs code from the bytes it loads, so "
+                "every payload must be signed and verified before it is loaded"
+            )
+        self._signer = Signer(secret, namespace) if secret is not None else None
+        if max_value_bytes < 1 or (compress_over is not None and compress_over < 1):
+            raise ValueError("max_value_bytes and compress_over must be >= 1")
+        self._max_value_bytes = max_value_bytes
+        self._compress_over = compress_over
         self._loader = loader
         self._ttl = ttl
         self._local_ttl = local_ttl
@@ -279,6 +327,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         else:
             client = redis
         self._driver = SyncDriver(client, self._keys, log_maxlen=log_maxlen)
+        self._bloom = bloom.open(self._driver) if bloom is not None else None
         self._fresh_local_tier()
         _live_caches[id(self)] = self
         self._ensure_listener()
@@ -349,6 +398,13 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         """Apply one invalidation from another process (or this one's own echo)."""
         self._counters.add("invalidations_received")
         plausible = msg.version <= self._clock.now_us() + _MAX_CLOCK_LEAD_US
+        if self._signer is not None and not self._signer.verify_message(
+            msg.key, msg.version, msg.op, msg.origin, msg.sig
+        ):
+            # Unauthenticated: still obeyed as "drop this", which costs at most a miss, but its
+            # version is not believed.
+            self._counters.add("unsigned_messages")
+            plausible = False
         if plausible:  # a version far in the future (forged) must not poison the clock
             self._clock.observe(msg.version)
         if msg.op == OP_CLEAR:
@@ -408,7 +464,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         try:
             for partition in range(self._keys.partitions):
                 self._driver.unlink_partition(partition, prefix)
-                self._driver.announce_clear(partition, self._clock.next(), self._origin, prefix)
+                version = self._clock.next()
+                sig = self._sign_message(prefix, version, OP_CLEAR_PREFIX)
+                self._driver.announce_clear(partition, version, self._origin, prefix, sig)
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis clear failed: {err}") from err
         finally:
@@ -482,20 +540,29 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             if e is not None and e.fresh_until > slot.l1.timer():
                 return slot.l1.get(slot.key, e.value)
         ticket = self._guard.ticket()
+        probe = self._bloom.probe(encoded) if self._bloom is not None else None
         try:
-            raw = self._driver.get(self._keys.value(encoded))
+            if probe is None:
+                raw = self._driver.get(self._keys.value(encoded))
+            else:  # the filter is asked in the same round trip
+                raw, verdict = self._driver.get_and(self._keys.value(encoded), probe)
         except redis_lib.RedisError as err:
             return self._read_failed(err, key, slot, loader)
         hit = self._decode(raw, encoded) if raw is not None else None
-        if hit is not None:
+        if hit is not None and hit is not _REJECTED:
             self._counters.add("remote_hits")
             return self._serve(key, encoded, slot, ticket, hit, loader, ttl)
         self._counters.add("misses")
         if loader is None:
             return MISSING
+        if probe is not None and self._bloom is not None and self._bloom.absent(verdict):
+            self._counters.add("filtered")
+            self._bloom.note("avoided")
+            return MISSING
+        rejected = raw if hit is _REJECTED else None  # the next fill overwrites it
         return self._flights.run(
             encoded,
-            lambda: self._load(key, encoded, slot, loader, ttl),
+            lambda: self._load(key, encoded, slot, loader, ttl, rejected),
             wait=self._lease_wait,
         )
 
@@ -564,10 +631,11 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         return e.value
 
     def _decode(self, raw: bytes, encoded: bytes) -> _Hit | None:
-        """What ``raw`` holds: a value or a cached absence, or None for a miss.
+        """What ``raw`` holds: a value or a cached absence, None for a miss, or ``_REJECTED``.
 
-        A tombstone or a fill lease is a miss; a payload that does not verify or parse is a miss
-        too, counted and logged (the next fill overwrites it).
+        A tombstone or a fill lease is a miss. A payload that does not verify (when a secret is
+        set), is too large or does not parse is rejected: counted, logged, treated as a miss,
+        and never handed to a deserializer unverified.
         """
         try:
             magic, fmt, flags, codec, sig, version, expires_at, fresh_until, load_ms = (
@@ -577,20 +645,62 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 raise ValueError("not a tiercache envelope")
             if flags & FLAG_NOT_A_VALUE:
                 return None
+            payload = raw[HEADER_SIZE + sig :]
+            if self._signer is not None and (
+                sig != SIGNATURE_SIZE
+                or not self._signer.verify_envelope(
+                    encoded, raw[:HEADER_SIZE], payload, raw[HEADER_SIZE : HEADER_SIZE + sig]
+                )
+            ):
+                raise ValueError("signature missing or wrong")
             if expires_at and expires_at <= self._clock.now_us() / 1e6:
                 return None
             if flags & FLAG_ABSENT:
                 return version, flags, expires_at, fresh_until, load_ms, MISSING
-            if codec != self._codec.id or flags & COMPRESSION_MASK:
+            if codec != self._codec.id:
                 # Only this cache's own codec may read a payload: a pickle payload planted in
                 # Redis must never reach pickle.loads.
                 raise ValueError(f"payload of codec {codec}, this cache reads {self._codec.id}")
-            value = self._codec.loads(raw[HEADER_SIZE + sig :])
+            if len(payload) > self._max_value_bytes:
+                raise ValueError(f"payload of {len(payload)} bytes > max_value_bytes")
+            method = (flags & COMPRESSION_MASK) >> COMPRESSION_SHIFT
+            if method:
+                payload = decompress(payload, method, self._max_value_bytes * _INFLATION)
+            value = self._codec.loads(payload)
         except (struct.error, ValueError, TypeError) as err:
             self._counters.add("rejected_payloads")
             self._warn(f"rejected the payload of {encoded[:60]!r}: {err}")
-            return None
+            return _REJECTED  # type: ignore[no-any-return]
         return version, flags, expires_at, fresh_until, load_ms, value
+
+    def _payload(self, value: Any) -> tuple[bytes, int]:
+        """(payload, flags) of a value: encoded, compressed when large; ValueError if too big."""
+        if value is MISSING:
+            return b"", FLAG_ABSENT
+        data = self._codec.dumps(value)
+        flags = 0
+        if self._compress_over is not None and len(data) >= self._compress_over:
+            data, method = compress(data, self._compress_over)
+            flags = method << COMPRESSION_SHIFT
+        if len(data) > self._max_value_bytes:
+            raise ValueError(
+                f"value too large: {len(data)} bytes encoded > max_value_bytes "
+                f"{self._max_value_bytes}"
+            )
+        return data, flags
+
+    def _pack(self, env: Envelope, encoded: bytes) -> bytes:
+        """The bytes stored for ``env`` under ``encoded``: signed when a secret is set."""
+        if self._signer is None:
+            return env.pack()
+        placeholder = dataclasses.replace(env, signature=bytes(SIGNATURE_SIZE))
+        header = placeholder.header()
+        return header + self._signer.sign_envelope(encoded, header, env.payload) + env.payload
+
+    def _sign_message(self, encoded: bytes, version: int, op: str) -> str:
+        if self._signer is None:
+            return "-"
+        return self._signer.sign_message(encoded, version, op, self._origin)
 
     def _install(self, ticket: int, slot: _Slot, version: int, fresh: float, value: Any) -> None:
         """Install a value read under ``ticket`` locally, unless it could bring back old data."""
@@ -625,9 +735,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         slot: _Slot,
         loader: Callable[[Any], Any],
         ttl: float | None,
+        rejected: bytes | None = None,
     ) -> Any:
         """Load a missing key once across processes: take its lease or wait for its value."""
-        pending = self._begin_load(key, encoded, slot, ttl)
+        pending = self._begin_load(key, encoded, slot, ttl, rejected)
         if not isinstance(pending, _PendingLoad):
             return pending
         try:
@@ -637,16 +748,29 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         return self._finish_load(pending, value)
 
     def _begin_load(
-        self, key: Hashable, encoded: bytes, slot: _Slot, ttl: float | None
+        self,
+        key: Hashable,
+        encoded: bytes,
+        slot: _Slot,
+        ttl: float | None,
+        rejected: bytes | None = None,
     ) -> _PendingLoad | Any:
-        """Before calling a loader: our lease (a ``_PendingLoad``), or the value that arrived."""
+        """Before calling a loader: our lease (a ``_PendingLoad``), or the value that arrived.
+
+        ``rejected``: bytes of this key that did not verify or parse; the lease replaces them.
+        """
         ticket = self._guard.ticket()  # before the lease script reads Redis, as in _read
-        lease = self._acquire_lease(encoded)
+        lease = self._acquire_lease(encoded, rejected)
         if lease is not None and lease.kind == "v":
             hit = self._decode(lease.envelope or b"", encoded)
-            if hit is not None:
+            if hit is _REJECTED:
+                lease = self._acquire_lease(encoded, lease.envelope)
+            elif hit is not None:
                 return self._serve(key, encoded, slot, ticket, hit, None, ttl)
-            lease = None  # unreadable: load, without storing over it
+            else:
+                lease = None
+        if lease is not None and lease.kind == "v":
+            lease = None  # still unreadable (rewritten meanwhile): load, without storing
         ours = lease if lease is not None and lease.kind == "l" else None
         self._counters.add("loads")
         return _PendingLoad(encoded, slot, ours, ticket, time.monotonic(), ttl)
@@ -657,14 +781,27 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if lease is None or lease.envelope is None:
             return value
         try:
-            payload = self._codec.dumps(value) if value is not MISSING else b""
+            payload, flags = self._payload(value)
         except BaseException:
             self._release(pending.encoded, lease.envelope)
             raise
+        self._filter_learns(pending.encoded, value)
         load_ms = (time.monotonic() - pending.started) * 1000.0
-        env = self._value_envelope(value, payload, pending.ttl, lease.version, load_ms)
+        env = self._value_envelope(payload, flags, pending.ttl, lease.version, load_ms)
         self._fill(pending.encoded, pending.slot, lease.envelope, pending.ticket, env, value)
         return value
+
+    def _filter_learns(self, encoded: bytes, value: Any) -> None:
+        """Tell the negative filter what a load found: a key that exists, or a false positive."""
+        if self._bloom is None:
+            return
+        if value is MISSING:
+            self._bloom.note("false_positive")
+            return
+        try:
+            self._bloom.register(encoded)
+        except redis_lib.RedisError:
+            pass  # the filter switches itself off when it may have missed a key
 
     def _load_failed(self, pending: _PendingLoad) -> Any:
         """The loader raised (the exception is being handled): a recent copy, or re-raise."""
@@ -675,7 +812,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return stale  # fail-safe: the loader failed, a recent copy is served
         raise  # (the loader's exception, which the caller is handling)
 
-    def _acquire_lease(self, encoded: bytes) -> LeaseResult | None:
+    def _acquire_lease(self, encoded: bytes, rejected: bytes | None = None) -> LeaseResult | None:
         """Our fill lease, a value that arrived meanwhile, or None (load without storing).
 
         While another process holds the lease, poll for its value with backoff, at most
@@ -687,7 +824,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         delay = _POLL_FIRST
         while True:
             try:
-                lease = self._driver.lease(encoded, token, self._lease_ms)
+                lease = self._driver.lease(encoded, token, self._lease_ms, rejected)
             except redis_lib.RedisError:
                 return None
             if lease.kind != "w":
@@ -700,19 +837,21 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             delay = min(delay * 1.5, _POLL_MAX)
 
     def _value_envelope(
-        self, value: Any, payload: bytes, ttl: float | None, after: int, load_ms: float
+        self, payload: bytes, flags: int, ttl: float | None, after: int, load_ms: float
     ) -> Envelope:
-        """The envelope to store for a loaded value, or for a loaded absence (MISSING)."""
+        """The envelope to store for a loaded value, or for a loaded absence (FLAG_ABSENT)."""
         version = self._clock.next(after=after)
-        if value is MISSING:
-            return self._envelope(b"", self._negative_ttl, version, load_ms, flags=FLAG_ABSENT)
-        return self._envelope(payload, ttl, version, load_ms)
+        if flags & FLAG_ABSENT:
+            ttl = self._negative_ttl
+        return self._envelope(payload, ttl, version, load_ms, flags)
 
     def _fill(
         self, encoded: bytes, slot: _Slot, lease: bytes, ticket: int, env: Envelope, value: Any
     ) -> None:
         try:
-            stored = self._driver.fill(encoded, lease, env.pack(), self._redis_ttl_ms(env))
+            stored = self._driver.fill(
+                encoded, lease, self._pack(env, encoded), self._redis_ttl_ms(env)
+            )
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"fill of {encoded[:60]!r} failed: {err}")
@@ -759,10 +898,11 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         started = time.monotonic()
         self._counters.add("loads")
         value = _absent_to_missing(loader, key)
-        payload = self._codec.dumps(value) if value is not MISSING else b""
+        payload, flags = self._payload(value)
         load_ms = (time.monotonic() - started) * 1000.0
-        env = self._value_envelope(value, payload, ttl, version, load_ms)
-        if self._driver.refresh(encoded, version, env.pack(), self._redis_ttl_ms(env), token):
+        env = self._value_envelope(payload, flags, ttl, version, load_ms)
+        packed = self._pack(env, encoded)
+        if self._driver.refresh(encoded, version, packed, self._redis_ttl_ms(env), token):
             self._counters.add("refreshes")
             self._install(ticket, slot, env.version, self._local_fresh(env), value)
         else:
@@ -810,7 +950,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         for key, enc, lease in zip(missing, encoded, leases, strict=True):
             if lease is not None and lease.kind == "v":
                 hit = self._decode(lease.envelope or b"", enc)
-                if hit is not None:
+                if hit is not None and hit is not _REJECTED:
                     if hit[5] is not MISSING:
                         found[key] = hit[5]
                     continue
@@ -828,8 +968,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 found[key] = value
             if lease is None or lease.kind != "l" or lease.envelope is None:
                 continue
-            payload = self._codec.dumps(value) if value is not MISSING else b""
-            env = self._value_envelope(value, payload, ttl, lease.version, load_ms)
+            payload, flags = self._payload(value)
+            self._filter_learns(enc, value)
+            env = self._value_envelope(payload, flags, ttl, lease.version, load_ms)
             fills.append((key, enc, lease.envelope, env, value))
         if fills:
             self._fill_many(fills, tickets)
@@ -864,7 +1005,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         missing = []
         for (key, encoded, slot), raw in zip(pending, raws, strict=True):
             hit = self._decode(raw, encoded) if raw is not None else None
-            if hit is None:
+            if hit is None or hit is _REJECTED:
                 self._counters.add("misses")
                 missing.append(key)
                 continue
@@ -879,7 +1020,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         fills: list[tuple[Hashable, bytes, bytes, Envelope, Any]],
         tickets: dict[Hashable, int],
     ) -> None:
-        items = [(e, lease, env.pack(), self._redis_ttl_ms(env)) for _, e, lease, env, _ in fills]
+        items = [
+            (e, lease, self._pack(env, e), self._redis_ttl_ms(env)) for _, e, lease, env, _ in fills
+        ]
         try:
             stored = self._driver.fills(items)
         except redis_lib.RedisError as err:
@@ -904,11 +1047,16 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             raise ValueError("ttl must be > 0 or None")
         encoded = encode_key(key)
         slot = self._slot(key, encoded)
-        payload = self._codec.dumps(value)  # a value that cannot be stored changes nothing
+        payload, flags = self._payload(value)  # a value that cannot be stored changes nothing
         ttl = self._ttl if ttl is None else ttl
         version = self._clock.next(after=self._guard.newest(slot.guard))
-        env = self._envelope(payload, ttl, version, 0.0)
+        env = self._envelope(payload, ttl, version, 0.0, flags)
         self._ensure_listener()
+        if self._bloom is not None:  # before the value exists anywhere
+            try:
+                self._bloom.register(encoded)
+            except redis_lib.RedisError as err:
+                raise CacheUnavailable(f"Redis write of {key!r} failed: {err}") from err
         ticket = self._guard.ticket()
         applied = self._write(key, encoded, slot, OP_SET, env)
         if applied is None:
@@ -931,9 +1079,11 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                     encoded,
                     op,
                     env.version,
-                    env.pack(),
+                    self._pack(env, encoded),
                     ttl_ms=self._redis_ttl_ms(env),
                     origin=self._origin,
+                    sig=self._sign_message(encoded, env.version, op),
+                    ceiling=self._clock.now_us() + _MAX_CLOCK_LEAD_US,
                 )
                 if result.applied:
                     break
@@ -985,7 +1135,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         try:
             for partition in range(self._keys.partitions):
                 self._driver.unlink_partition(partition)
-                self._driver.announce_clear(partition, self._clock.next(), self._origin)
+                version = self._clock.next()
+                sig = self._sign_message(b"", version, OP_CLEAR)
+                self._driver.announce_clear(partition, version, self._origin, sig=sig)
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis clear failed: {err}") from err
         finally:
@@ -1038,6 +1190,11 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         out["malformed_messages"] = listener.malformed if listener else 0
         out["disconnects"] = listener.disconnects if listener else 0
         return out
+
+    @property
+    def bloom(self) -> NegativeFilter | None:
+        """The negative filter (``bloom=``), or None."""
+        return self._bloom
 
     @property
     def local(self) -> LocalCache:

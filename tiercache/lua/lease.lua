@@ -2,13 +2,18 @@
 --
 -- KEYS[1] the entry key
 -- ARGV[1] lease envelope template (tiercache/envelope.py: LEASE flag, the token as payload;
--- its version bytes are replaced by the version the key has now), ARGV[2] lease TTL in ms
+-- its version bytes are replaced by the version the key has now), ARGV[2] lease TTL in ms,
+-- ARGV[3] (optional) bytes the caller read there and rejected (a payload that does not verify
+-- or parse): if the key still holds exactly them, the lease replaces them
 --
 -- Returns {"v", envelope} if a value is there, {"w", remaining ms} if another fill holds the
 -- lease, or {"l", version} when the lease is ours (version: what the key had, 0 if nothing).
 
 local env = redis.call("GET", KEYS[1])
 local version = 0
+if env and ARGV[3] and env == ARGV[3] then
+  env = false
+end
 if env and #env >= 34 and string.sub(env, 1, 2) == "TC" then
   local flags = string.byte(env, 4) % 32
   if flags >= 16 then

@@ -8,7 +8,9 @@
 -- ARGV[2] proposed version (an integer below 2^53)
 -- ARGV[3] the envelope to store: the value (S) or the tombstone (D)
 -- ARGV[4] its TTL in ms (0: none), ARGV[5] origin id, ARGV[6] channel, ARGV[7] log length bound,
--- ARGV[8] encoded user key (for the message)
+-- ARGV[8] encoded user key (for the message), ARGV[9] the message's signature ("-": none),
+-- ARGV[10] the highest plausible version (Redis time + 1 h): a stored version above it was
+-- planted, not written by a cache, and is overwritten rather than obeyed
 --
 -- One key holds a value, a tombstone or a fill lease (tiercache/envelope.py): overwriting it is
 -- what makes a pending fill fail. Returns {1, version, seq, existed} when applied (existed: a
@@ -29,6 +31,9 @@ if op == "S" or op == "D" then
     -- flags (byte 4): tombstone 0x08, lease 0x10
     if string.byte(head, 4) % 32 < 8 then
       existed = 1
+    end
+    if current > tonumber(ARGV[10]) then
+      current = 0
     end
   end
   if version <= current then
@@ -55,7 +60,7 @@ if seq == 1 then
   start = "R"
 end
 local msg = "TC1 " .. string.format("%.0f", seq) .. " " .. start .. " " .. ARGV[2] .. " "
-  .. ARGV[5] .. " " .. op .. "\n" .. ARGV[8]
+  .. ARGV[5] .. " " .. op .. " " .. ARGV[9] .. "\n" .. ARGV[8]
 redis.call("XADD", KEYS[2], "MAXLEN", "~", ARGV[7], "*", "m", msg)
 redis.call("PUBLISH", ARGV[6], msg)
 return {1, ARGV[2], seq, existed}
