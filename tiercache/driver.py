@@ -267,6 +267,23 @@ class SyncDriver:
                 return out
             end = b"(" + entries[-1][0]
 
+    def heartbeat(self, origin: str, fields: dict[str, Any], ttl_ms: int) -> None:
+        """Store a process' heartbeat hash, expiring after ``ttl_ms``."""
+        name = self.keys.heartbeat(origin)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(name, mapping=fields)
+        pipe.pexpire(name, ttl_ms)
+        pipe.execute()
+
+    def heartbeats(self) -> dict[str, dict[bytes, bytes]]:
+        """Every live heartbeat of the namespace: origin -> fields."""
+        out = {}
+        for name in self.client.scan_iter(match=self.keys.heartbeat_pattern(), count=1000):
+            fields = self.client.hgetall(name)
+            if fields:
+                out[name.rsplit(b":", 1)[-1].decode()] = fields
+        return out
+
     def listener_connection(self, client_name: str) -> Any:
         """A new connection for the listener, named ``client_name`` (CLIENT LIST shows it).
 

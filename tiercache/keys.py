@@ -14,6 +14,7 @@ counter and invalidation log, so one Lua script can touch them all)::
     ns:{ns:p}:seq               the partition's invalidation counter
     ns:{ns:p}:log               stream: the recent invalidation messages, for replay after a gap
     ns:{ns:p}:inv               the pub/sub channel of invalidations
+    ns:{ns:0}:hb:<origin>       a process' heartbeat (its stats), expiring
 """
 
 from __future__ import annotations
@@ -172,6 +173,14 @@ class KeySpace:
     def refresh_marker(self, encoded: bytes) -> bytes:
         """The key marking a refresh of ``encoded`` in progress (same slot as its entry)."""
         return self.prefix(self.partition(encoded)) + b"r:" + encoded
+
+    def heartbeat(self, origin: str) -> bytes:
+        """The heartbeat hash of one process (in partition 0's slot)."""
+        return self.prefix(0) + b"hb:" + origin.encode()
+
+    def heartbeat_pattern(self) -> bytes:
+        """SCAN MATCH pattern of the heartbeats."""
+        return escape_glob(self.prefix(0) + b"hb:") + b"*"
 
     def counter(self, partition: int) -> bytes:
         """The invalidation counter of a partition."""

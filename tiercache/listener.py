@@ -40,6 +40,9 @@ class ListenerHandler(Protocol):
     def flush(self, reason: str) -> None:
         """Messages were lost beyond what the log holds: forget the whole local tier."""
 
+    def tick(self) -> None:
+        """Called about once per health interval from the listener thread (e.g. heartbeats)."""
+
 
 class HealthCheckFailed(ConnectionError):
     """A PING on the pub/sub connection got no PONG in time (a dead or half-open link)."""
@@ -188,6 +191,7 @@ class Listener:
                 conn.send_command("PING")
                 last_ping = now
                 pong_due = now + self._health_timeout
+                self._tick()
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         partition = self._channels.get(channel)
@@ -224,6 +228,12 @@ class Listener:
             for inv in plan:
                 self._handler.apply(inv)
         tracker.seq = current
+
+    def _tick(self) -> None:
+        try:
+            self._handler.tick()
+        except Exception:  # a heartbeat that fails must not cost the channel
+            log.debug("listener tick failed", exc_info=True)
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -18,12 +18,15 @@ they are kept:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import logging
 import math
 import os
 import random
 import secrets
+import socket
 import struct
 import threading
 import time
@@ -147,6 +150,35 @@ class SubTier(Protocol):
         """Replace the local tier by a fresh one (in a forked child)."""
 
 
+class _Window:
+    """The last ``size`` samples of a duration, for percentiles in stats()."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._samples: collections.deque[float] = collections.deque(maxlen=size)
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        self._samples.append(value)
+        self.count += 1
+
+    def percentiles(self) -> dict[str, float | None]:
+        data = sorted(self._samples)
+        if not data:
+            return {"p50": None, "p99": None, "max": None}
+        return {
+            "p50": data[len(data) // 2],
+            "p99": data[min(len(data) - 1, int(len(data) * 0.99))],
+            "max": data[-1],
+        }
+
+
+def _user_key(encoded: bytes) -> Any:
+    try:
+        return decode_key(encoded)
+    except ValueError:
+        return encoded
+
+
 def _encoded_local(lkey: Hashable) -> bytes:
     """The encoding behind a main-tier local key (the inverse of ``local_key``)."""
     return encode_key(lkey) if type(lkey) is str else lkey  # type: ignore[return-value]
@@ -246,6 +278,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         tombstone_ttl: float = 60.0,
         log_maxlen: int = 10_000,
         on_write_error: str = "raise",
+        on_invalidate: Callable[[Any, int], None] | None = None,
+        on_resync: Callable[[str], None] | None = None,
+        heartbeat_interval: float = 5.0,
         partitions: int = 1,
         timer: Callable[[], float] | None = None,
     ) -> None:
@@ -290,6 +325,12 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._refresh_workers = refresh_workers
         self._refresher = Refresher(refresh_workers, name=f"tiercache:{namespace}")
         self._on_write_error = on_write_error
+        self._on_invalidate = on_invalidate
+        self._on_resync = on_resync
+        self._heartbeat_interval = heartbeat_interval
+        self._last_heartbeat = 0.0
+        self._lags = _Window()  # invalidation lag (ms): Redis time of the write to its arrival
+        self._load_times = _Window()  # loader durations (ms)
         self._l1_args = {
             "policy": local_policy,
             "ttl": max(local_ttl, stale_if_error),
@@ -392,12 +433,16 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             pass  # versions stay monotone without it; the next recovery tries again
         if recovered:
             self._counters.add("resyncs")
+            self._hook(self._on_resync, "resynced")
         self._set_usable(True)
 
     def apply(self, msg: Invalidation) -> None:
         """Apply one invalidation from another process (or this one's own echo)."""
         self._counters.add("invalidations_received")
-        plausible = msg.version <= self._clock.now_us() + _MAX_CLOCK_LEAD_US
+        now_us = self._clock.now_us()
+        plausible = msg.version <= now_us + _MAX_CLOCK_LEAD_US
+        if msg.origin != self._origin and msg.version <= now_us:
+            self._lags.add((now_us - msg.version) / 1000.0)  # versions are Redis microseconds
         if self._signer is not None and not self._signer.verify_message(
             msg.key, msg.version, msg.op, msg.origin, msg.sig
         ):
@@ -420,12 +465,46 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             e = slot.l1.entry(slot.key)
             if e is not None and (e.version < msg.version or not plausible):
                 slot.l1.pop(slot.key, None)
+        if self._on_invalidate is not None:
+            self._hook(self._on_invalidate, _user_key(msg.key), msg.version)
+
+    def tick(self) -> None:
+        """From the listener thread, each health interval: publish the heartbeat when due."""
+        if self._heartbeat_interval and (
+            time.monotonic() - self._last_heartbeat >= self._heartbeat_interval
+        ):
+            self._last_heartbeat = time.monotonic()
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Publish this process' stats under the namespace (a hash that expires by itself).
+
+        ``tiercache stats`` reads them to show a fleet without touching its processes.
+        """
+        fields = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": time.time(),
+            "stats": json.dumps(self.stats(), default=str),
+        }
+        ttl_ms = int(max(self._heartbeat_interval, 1.0) * 3000)
+        self._driver.heartbeat(self._origin, fields, ttl_ms)
+
+    def _hook(self, hook: Callable[..., None] | None, *args: Any) -> None:
+        """Call a user hook; its exceptions are logged, never raised into the cache."""
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("tiercache %r: a hook raised", self._keys.namespace)
 
     def flush(self, reason: str) -> None:
         """Messages were lost beyond the log: forget every local copy."""
         self._counters.add("flushes")
         self._warn(f"local tier flushed: {reason}")
         self._forget_local()
+        self._hook(self._on_resync, f"flushed: {reason}")
 
     def _forget_local(self) -> None:
         with self._guard.lock:
@@ -787,6 +866,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             raise
         self._filter_learns(pending.encoded, value)
         load_ms = (time.monotonic() - pending.started) * 1000.0
+        self._load_times.add(load_ms)
         env = self._value_envelope(payload, flags, pending.ttl, lease.version, load_ms)
         self._fill(pending.encoded, pending.slot, lease.envelope, pending.ticket, env, value)
         return value
@@ -1186,6 +1266,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         out["local_evictions"] = local["evictions"]
         out["local_usable"] = self._local_usable
         listener = self._listener
+        out["invalidation_lag_ms"] = self._lags.percentiles()
+        out["load_ms"] = self._load_times.percentiles()
         out["gaps"] = listener.gaps if listener else 0
         out["malformed_messages"] = listener.malformed if listener else 0
         out["disconnects"] = listener.disconnects if listener else 0
