@@ -1,8 +1,8 @@
-"""The synchronous Redis driver: every command the tiered cache sends, on a redis-py client.
+"""The synchronous Redis driver: runs the cache's calls (tiercache.commands) on a redis-py client.
 
-Thin by design: it turns the protocol's requests into commands and replies into Python values,
-and leaves every decision to tiercache.protocol and tiercache.tiered. Redis errors propagate as
-redis-py raises them; the cache maps them to CacheUnavailable.
+Thin by design: tiercache.commands says what to send and how to read replies, tiercache.protocol
+and tiercache.tiered decide; this module only does the I/O. Redis errors propagate as redis-py
+raises them; the cache maps them to CacheUnavailable.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis
@@ -19,51 +17,29 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from .envelope import (
-    FLAG_ABSENT,
-    FLAG_LEASE,
-    FLAG_NOT_A_VALUE,
-    FORMAT,
-    HEADER,
-    MAGIC,
-    VERSION_LIMIT,
+from .commands import (
+    SCRIPTS,
+    Call,
+    Commands,
+    LeaseResult,
+    WriteResult,
+    is_value_head,
+    lease_envelope,
+    load_script_source,
 )
-from .keys import KeySpace, escape_glob
+from .keys import KeySpace
 from .protocol import Invalidation, parse_message
 
-SCRIPTS = ("write", "lease", "fill", "release", "refresh")
-
-
-def load_script_source(name: str) -> str:
-    """The source of ``tiercache/lua/<name>.lua``."""
-    return resources.files("tiercache").joinpath("lua", f"{name}.lua").read_text("utf-8")
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """The reply of the write script."""
-
-    applied: bool
-    version: int  # the version written, or the current one when not applied
-    seq: int = 0  # its number in the partition's sequence (-1: a retry found it applied)
-    existed: bool = False  # a delete: whether there was a value to delete
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseResult:
-    """The reply of the lease script: a value that arrived, our lease, or someone else's."""
-
-    kind: str  # "v" value present, "l" lease taken, "w" another fill holds it
-    envelope: bytes | None = None  # "v": the value; "l": our lease as stored
-    wait_ms: int = 0  # "w": how long the other lease has left
-    version: int = 0  # "l": the version the key had (0 if nothing, else a tombstone's)
-
-
-def lease_envelope(token: bytes, version: int) -> bytes:
-    """A fill lease as stored in the entry key: LEASE flag, ``version``, the token as payload."""
-    header = bytearray(HEADER.pack(MAGIC, FORMAT, FLAG_LEASE, 0, 0, 0, 0.0, 0.0, 0.0))
-    header[6:14] = version.to_bytes(8, "big")
-    return bytes(header) + token
+__all__ = [
+    "SCRIPTS",
+    "LeaseResult",
+    "SyncDriver",
+    "WriteResult",
+    "is_value_head",
+    "lease_envelope",
+    "load_script_source",
+    "make_client",
+]
 
 
 def make_client(
@@ -88,44 +64,74 @@ class SyncDriver:
             raise ValueError("the Redis client must not decode responses (decode_responses=False)")
         self.client = client
         self.keys = keys
-        self.log_maxlen = log_maxlen
-        self._sources = {name: load_script_source(name) for name in SCRIPTS}
-        self._shas = {name: _sha1(src) for name, src in self._sources.items()}
+        self.commands = Commands(keys, log_maxlen)
 
-    # -- scripts --------------------------------------------------------------------------
+    # -- running calls ----------------------------------------------------------------------
+
+    def call(self, call: Call) -> Any:
+        """One round trip."""
+        if call.script is None:
+            return call.parse(self.client.execute_command(*call.args))
+        return call.parse(self._run(call.script, list(call.keys), list(call.args)))
+
+    def call_many(self, calls: list[Call]) -> list[Any]:
+        """Several calls in one round trip (a pipeline); an error reply comes back as a value."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for c in calls:
+                if c.script is None:
+                    pipe.execute_command(*c.args)
+                else:
+                    pipe.execute_command(
+                        "EVALSHA", self._sha(c.script), len(c.keys), *c.keys, *c.args
+                    )
+            replies = pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            for name in {c.script for c in calls if c.script is not None}:
+                self.client.script_load(self._source(name))
+        return [
+            r if isinstance(r, Exception) else c.parse(r)
+            for c, r in zip(calls, replies, strict=True)
+        ]
 
     def _run(self, name: str, keys: list[bytes], args: list[Any]) -> Any:
-        """EVALSHA a script, loading it first if Redis does not know it (after a restart)."""
-        sha = self._shas[name]
+        """EVALSHA ``lua/<name>.lua``, loading it first if Redis does not know it (a restart)."""
+        sha = self._sha(name)
         try:
             return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         except NoScriptError:
-            self.client.script_load(self._sources[name])
+            self.client.script_load(self._source(name))
             return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
     def _run_many(self, name: str, calls: list[tuple[list[bytes], list[Any]]]) -> list[Any]:
-        """Several calls of one script in one round trip (a pipeline); errors are returned."""
-        for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
-            replies = pipe.execute(raise_on_error=False)
-            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
-                return replies
-            self.client.script_load(self._sources[name])
-        return replies  # pragma: no cover - the loop always returns
+        """Several runs of one script in one round trip; errors are returned, not raised."""
+        return self.call_many([Call(name, tuple(args), tuple(keys)) for keys, args in calls])
 
-    # -- values ---------------------------------------------------------------------------
+    def _source(self, name: str) -> str:
+        source = self.commands.sources.get(name)
+        if source is None:
+            source = self.commands.sources[name] = load_script_source(name)
+        return source
+
+    def _sha(self, name: str) -> str:
+        sha = self.commands.shas.get(name)
+        if sha is None:
+            sha = self.commands.shas[name] = hashlib.sha1(self._source(name).encode()).hexdigest()
+        return sha
+
+    # -- values -----------------------------------------------------------------------------
+
+    def get(self, name: bytes) -> bytes | None:
+        """The raw value stored under the key ``name``."""
+        return self.client.get(name)
 
     def get_and(self, name: bytes, command: tuple[Any, ...]) -> tuple[bytes | None, Any]:
         """GET ``name`` and run ``command`` in the same round trip; (value, command's reply).
 
         The command's error (say, an unknown command) comes back as its reply, not raised.
         """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(name)
-        pipe.execute_command(*command)
-        raw, reply = pipe.execute(raise_on_error=False)
+        raw, reply = self.call_many([Call(None, ("GET", name)), Call(None, tuple(command))])
         if isinstance(raw, Exception):
             raise raw
         return raw, reply
@@ -134,130 +140,72 @@ class SyncDriver:
         """The raw values of several keys in one round trip."""
         return self.client.mget(names) if names else []
 
-    def get(self, name: bytes) -> bytes | None:
-        """The raw value stored under the key ``name``."""
-        return self.client.get(name)
-
-    def write(
-        self,
-        encoded: bytes,
-        op: str,
-        version: int,
-        envelope: bytes,
-        *,
-        ttl_ms: int,
-        origin: str,
-        sig: str = "-",
-        ceiling: int = VERSION_LIMIT - 1,
-    ) -> WriteResult:
-        """Store the envelope of a set ("S") or delete ("D") at ``version`` and announce it.
-
-        ``sig`` signs the message; a stored version above ``ceiling`` is taken as planted.
-        """
-        counter, log, entry = self.keys.script_keys(encoded)
-        return _write_result(
-            self._run(
-                "write",
-                [counter, log, entry],
-                [
-                    op,
-                    version,
-                    envelope,
-                    ttl_ms,
-                    origin,
-                    self.keys.channel(self.keys.partition(encoded)),
-                    self.log_maxlen,
-                    encoded,
-                    sig,
-                    ceiling,
-                ],
-            )
-        )
+    def write(self, encoded: bytes, op: str, version: int, envelope: bytes, **kw: Any) -> Any:
+        """Store a set ("S") or delete ("D") at ``version`` and announce it (commands.write)."""
+        return self.call(self.commands.write(encoded, op, version, envelope, **kw))
 
     def announce_clear(
         self, partition: int, version: int, origin: str, prefix: bytes = b"", sig: str = "-"
     ) -> WriteResult:
-        """Publish a clear of the partition, or of its keys starting with ``prefix`` (encoded).
-
-        The entries were already unlinked by the caller.
-        """
-        return _write_result(
-            self._run(
-                "write",
-                [self.keys.counter(partition), self.keys.log(partition)],
-                [
-                    "P" if prefix else "C",
-                    version,
-                    b"",
-                    0,
-                    origin,
-                    self.keys.channel(partition),
-                    self.log_maxlen,
-                    prefix,
-                    sig,
-                    VERSION_LIMIT - 1,
-                ],
-            )
-        )
+        """Publish a clear of the partition (or of ``prefix``); its entries are already gone."""
+        return self.call(self.commands.announce_clear(partition, version, origin, prefix, sig))
 
     def lease(
         self, encoded: bytes, token: bytes, ttl_ms: int, replace: bytes | None = None
     ) -> LeaseResult:
-        """Take the fill lease of ``encoded`` unless a value is there or another fill holds it.
-
-        ``replace``: bytes read there and rejected; if still there, the lease replaces them.
-        """
-        args: list[Any] = [lease_envelope(token, 0), ttl_ms]
-        if replace is not None:
-            args.append(replace)
-        return _lease_result(self._run("lease", [self.keys.value(encoded)], args), token)
+        """Take the fill lease of ``encoded`` (commands.lease)."""
+        return self.call(self.commands.lease(encoded, token, ttl_ms, replace))
 
     def leases(self, encoded: list[bytes], token: bytes, ttl_ms: int) -> list[LeaseResult]:
         """``lease`` for several keys in one round trip."""
-        template = lease_envelope(token, 0)
-        calls = [([self.keys.value(e)], [template, ttl_ms]) for e in encoded]
-        return [_lease_result(r, token) for r in self._run_many("lease", calls)]
+        replies = self.call_many([self.commands.lease(e, token, ttl_ms) for e in encoded])
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return replies
 
     def fill(self, encoded: bytes, lease: bytes, envelope: bytes, ttl_ms: int) -> bool:
         """Store a loaded value if our lease is still in the key (compare-and-set)."""
-        return int(self._run("fill", [self.keys.value(encoded)], [lease, envelope, ttl_ms])) == 1
+        return self.call(self.commands.fill(encoded, lease, envelope, ttl_ms))
 
     def fills(self, items: list[tuple[bytes, bytes, bytes, int]]) -> list[bool]:
         """``fill`` for several (encoded, lease, envelope, ttl_ms) in one round trip."""
-        calls = [([self.keys.value(e)], [lease, env, ttl]) for e, lease, env, ttl in items]
-        return [r == 1 for r in self._run_many("fill", calls)]
+        replies = self.call_many([self.commands.fill(*item) for item in items])
+        return [r is True for r in replies]
 
     def release(self, encoded: bytes, lease: bytes) -> None:
         """Give up our fill lease of ``encoded`` if it is still there."""
-        self._run("release", [self.keys.value(encoded)], [lease])
+        self.call(self.commands.release(encoded, lease))
 
     def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int) -> bool:
         """Claim the refresh of ``encoded`` for ``ttl_ms`` (False: another process has it)."""
-        marker = self.keys.refresh_marker(encoded)
-        return bool(self.client.set(marker, token, nx=True, px=max(1, ttl_ms)))
+        return self.call(self.commands.mark_refresh(encoded, token, ttl_ms))
 
     def refresh(
         self, encoded: bytes, expected: int, envelope: bytes, ttl_ms: int, token: bytes
     ) -> bool:
         """Store a refreshed value if the entry still holds version ``expected``."""
-        keys = [self.keys.value(encoded), self.keys.refresh_marker(encoded)]
-        return int(self._run("refresh", keys, [expected, envelope, ttl_ms, token])) == 1
+        return self.call(self.commands.refresh(encoded, expected, envelope, ttl_ms, token))
+
+    def has_value(self, encoded: bytes) -> bool:
+        """Whether the entry key of ``encoded`` holds a value."""
+        return self.call(self.commands.has_value(encoded))
 
     # -- the invalidation stream ------------------------------------------------------------
 
     def position(self, partition: int) -> int:
         """The partition's counter (0 if it does not exist)."""
-        return int(self.client.get(self.keys.counter(partition)) or 0)
+        return self.call(self.commands.position(partition))
 
     def logged_since(self, partition: int, seq: int, batch: int = 500) -> list[Invalidation]:
         """Logged messages, newest first, back to one numbered ``seq`` or the log's start."""
         out: list[Invalidation] = []
         end = b"+"
         while True:
-            entries = self.client.xrevrange(self.keys.log(partition), end, b"-", count=batch)
+            entries = self.call(self.commands.log_page(partition, end, batch))
             for _entry_id, fields in entries:
                 try:
-                    msg = parse_message(fields[b"m"])
+                    msg = parse_message(_field(fields, b"m"))
                 except (KeyError, ValueError):
                     continue
                 out.append(msg)
@@ -269,11 +217,9 @@ class SyncDriver:
 
     def heartbeat(self, origin: str, fields: dict[str, Any], ttl_ms: int) -> None:
         """Store a process' heartbeat hash, expiring after ``ttl_ms``."""
-        name = self.keys.heartbeat(origin)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(name, mapping=fields)
-        pipe.pexpire(name, ttl_ms)
-        pipe.execute()
+        for reply in self.call_many(self.commands.heartbeat(origin, fields, ttl_ms)):
+            if isinstance(reply, Exception):
+                raise reply
 
     def heartbeats(self) -> dict[str, dict[bytes, bytes]]:
         """Every live heartbeat of the namespace: origin -> fields."""
@@ -288,7 +234,7 @@ class SyncDriver:
         """A new connection for the listener, named ``client_name`` (CLIENT LIST shows it).
 
         It takes the client's settings (AUTH, TLS, timeouts) from its pool; the listener speaks
-        pub/sub on it directly (no PubSub object: less work per message, see listener.py).
+        pub/sub on it directly (no PubSub object, which would reconnect behind our back).
         """
         pool = self.client.connection_pool
         kwargs = dict(pool.connection_kwargs)
@@ -325,25 +271,20 @@ class SyncDriver:
     def _holding_values(self, names: list[bytes]) -> list[bytes]:
         if not names:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for name in names:
-            pipe.getrange(name, 0, 5)
-        heads = pipe.execute()
-        return [name for name, head in zip(names, heads, strict=True) if is_value_head(head)]
-
-    def has_value(self, encoded: bytes) -> bool:
-        """Whether the entry key of ``encoded`` holds a value."""
-        return is_value_head(self.client.getrange(self.keys.value(encoded), 0, 5))
+        heads = self.call_many([self.commands.head(name) for name in names])
+        return [
+            n
+            for n, h in zip(names, heads, strict=True)
+            if isinstance(h, bytes) and is_value_head(h)
+        ]
 
     def unlink_partition(self, partition: int, prefix: bytes = b"", batch: int = 500) -> int:
         """Unlink every key of a partition but its counter and log (or only the entries of keys
         whose encoding starts with ``prefix``); returns how many."""
-        keep = {self.keys.counter(partition), self.keys.log(partition)}
-        pattern = self.keys.all_pattern(partition)
-        if prefix:
-            pattern = escape_glob(self.keys.prefix(partition) + b"v:" + prefix) + b"*"
+        keep = self.commands.kept_by_clear(partition)
         removed = 0
         names: list[bytes] = []
+        pattern = self.commands.unlink_pattern(partition, prefix)
         for name in self.client.scan_iter(match=pattern, count=1000):
             if name in keep:
                 continue
@@ -356,29 +297,12 @@ class SyncDriver:
         return removed
 
 
-def is_value_head(head: bytes) -> bool:
-    """Whether an entry's first bytes show a value: not a tombstone, a lease, a cached absence."""
-    return len(head) >= 4 and head[:2] == MAGIC and not head[3] & (FLAG_NOT_A_VALUE | FLAG_ABSENT)
-
-
-def _lease_result(reply: Any, token: bytes) -> LeaseResult:
-    if isinstance(reply, Exception):
-        raise reply
-    kind = reply[0].decode()
-    if kind == "v":
-        return LeaseResult("v", envelope=reply[1])
-    if kind == "w":
-        return LeaseResult("w", wait_ms=max(0, int(reply[1])))
-    version = int(reply[1])
-    return LeaseResult("l", envelope=lease_envelope(token, version), version=version)
-
-
-def _sha1(source: str) -> str:
-    return hashlib.sha1(source.encode("utf-8")).hexdigest()
-
-
-def _write_result(reply: list[Any]) -> WriteResult:
-    if int(reply[0]) == 1:
-        existed = len(reply) > 3 and int(reply[3]) > 0
-        return WriteResult(True, int(reply[1]), int(reply[2]), existed)
-    return WriteResult(False, int(reply[1]))
+def _field(fields: Any, name: bytes) -> bytes:
+    """A stream entry's field (RESP2 gives a dict from redis-py, RESP3 too; a list just in case)."""
+    if isinstance(fields, dict):
+        return fields[name]
+    pairs = iter(fields)
+    for k, v in zip(pairs, pairs, strict=False):
+        if k == name:
+            return v
+    raise KeyError(name)

@@ -53,7 +53,7 @@ from .envelope import (
     Envelope,
 )
 from .errors import CacheUnavailable
-from .keys import KeySpace, decode_key, encode_key, local_key, local_key_of
+from .keys import MAX_KEY_BYTES, KeySpace, decode_key, encode_key, local_key, local_key_of
 from .listener import Listener
 from .local import LocalCache, TieredFront
 from .protocol import (
@@ -184,6 +184,26 @@ def _encoded_local(lkey: Hashable) -> bytes:
     return encode_key(lkey) if type(lkey) is str else lkey  # type: ignore[return-value]
 
 
+def _key_in_block(payload: bytes) -> bytes:
+    """The encoded key at the start of a long key's payload (see ``TieredCache._pack``)."""
+    size = int.from_bytes(payload[:4], "big")
+    if len(payload) < 4 + size:
+        raise ValueError("payload without the key it should start with")
+    return payload[4 : 4 + size]
+
+
+def _url_error(url: str, err: ValueError) -> str:
+    """The text of a bad Redis URL error, with nothing of the URL's credentials in it."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return f"invalid Redis URL: {err}"
+    return (
+        f"invalid Redis URL {scheme}://***@{rest[at + 1 :]} (credentials hidden): check its "
+        "syntax, and percent-encode the user name's and password's special characters"
+    )
+
+
 def _absent_to_missing(loader: Callable[[Any], Any], key: Any) -> Any:
     """``loader(key)``, with a ``KeyError`` from it turned into ``MISSING``."""
     try:
@@ -282,6 +302,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         on_resync: Callable[[str], None] | None = None,
         heartbeat_interval: float = 5.0,
         partitions: int = 1,
+        max_key_bytes: int = MAX_KEY_BYTES,
         timer: Callable[[], float] | None = None,
     ) -> None:
         if not local_ttl > 0 or math.isinf(local_ttl):
@@ -296,7 +317,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             raise ValueError(
                 "negative_ttl must be > 0, stale_ttl >= 0, 0 <= ttl_jitter < 1, xfetch_beta >= 0"
             )
-        self._keys = KeySpace(namespace, partitions)
+        self._keys = KeySpace(namespace, partitions, max_key_bytes)
         self._codec = resolve_codec(serializer)
         if self._codec.name == "pickle" and secret is None:
             raise ValueError(
@@ -359,12 +380,15 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             self._server.start()
             redis = self._server.url
         if isinstance(redis, str):
-            client = make_client(
-                redis,
-                socket_timeout=socket_timeout,
-                connect_timeout=connect_timeout,
-                retries=retries,
-            )
+            try:
+                client = make_client(
+                    redis,
+                    socket_timeout=socket_timeout,
+                    connect_timeout=connect_timeout,
+                    retries=retries,
+                )
+            except ValueError as err:  # (redis-py's text may quote pieces of a password)
+                raise ValueError(_url_error(redis, err)) from None
         else:
             client = redis
         self._driver = SyncDriver(client, self._keys, log_maxlen=log_maxlen)
@@ -469,12 +493,15 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             self._hook(self._on_invalidate, _user_key(msg.key), msg.version)
 
     def tick(self) -> None:
-        """From the listener thread, each health interval: publish the heartbeat when due."""
+        """From the listener thread, each health interval: have the heartbeat sent when due.
+
+        Sent by a background worker: the listener thread never waits on the data connection.
+        """
         if self._heartbeat_interval and (
             time.monotonic() - self._last_heartbeat >= self._heartbeat_interval
         ):
             self._last_heartbeat = time.monotonic()
-            self.heartbeat()
+            self._refresher.submit(("heartbeat",), self.heartbeat)
 
     def heartbeat(self) -> None:
         """Publish this process' stats under the namespace (a hash that expires by itself).
@@ -542,7 +569,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._forget_prefix(prefix)
         try:
             for partition in range(self._keys.partitions):
-                self._driver.unlink_partition(partition, prefix)
+                self._driver.unlink_partition(partition, self._keys.clip(prefix))
                 version = self._clock.next()
                 sig = self._sign_message(prefix, version, OP_CLEAR_PREFIX)
                 self._driver.announce_clear(partition, version, self._origin, prefix, sig)
@@ -732,6 +759,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 )
             ):
                 raise ValueError("signature missing or wrong")
+            if len(encoded) > self._keys.max_key_bytes:
+                if _key_in_block(payload) != encoded:
+                    raise ValueError("the key inside the payload is another key")
+                payload = payload[4 + len(encoded) :]
             if expires_at and expires_at <= self._clock.now_us() / 1e6:
                 return None
             if flags & FLAG_ABSENT:
@@ -769,7 +800,14 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         return data, flags
 
     def _pack(self, env: Envelope, encoded: bytes) -> bytes:
-        """The bytes stored for ``env`` under ``encoded``: signed when a secret is set."""
+        """The bytes stored for ``env`` under ``encoded``: signed when a secret is set.
+
+        A long key, stored under a digest name (tiercache.keys), travels at the start of the
+        payload (4-byte length, the encoding), so iteration can give it back.
+        """
+        if len(encoded) > self._keys.max_key_bytes:
+            block = len(encoded).to_bytes(4, "big") + encoded
+            env = dataclasses.replace(env, payload=block + env.payload)
         if self._signer is None:
             return env.pack()
         placeholder = dataclasses.replace(env, signature=bytes(SIGNATURE_SIZE))
@@ -1246,10 +1284,25 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def __iter__(self) -> Iterator[Any]:
         """The keys stored in Redis for this namespace (SCAN-based: not a snapshot, not O(1))."""
         for name in self._value_names():
+            stored = self._keys.encoded_of_value_key(name)
             try:
-                yield decode_key(self._keys.encoded_of_value_key(name))
+                if self._keys.is_digest(stored):  # a long key: it is inside the value
+                    stored = self._long_key(name)
+                key = decode_key(stored)
             except ValueError:
                 continue  # not one of ours
+            yield key
+
+    def _long_key(self, name: bytes) -> bytes:
+        """The encoded key inside the value stored under the digest name ``name``."""
+        try:
+            raw = self._driver.get(name) or b""
+        except redis_lib.RedisError as err:
+            raise CacheUnavailable(f"Redis scan failed: {err}") from err
+        encoded = _key_in_block(raw[HEADER_SIZE + raw[5] :] if len(raw) > 5 else b"")
+        if self._keys.value(encoded) != name:
+            raise ValueError("not the key this name stands for")
+        return encoded
 
     def __len__(self) -> int:
         """How many keys Redis holds for this namespace (a full SCAN: O(n))."""
