@@ -15,16 +15,28 @@ counter and invalidation log, so one Lua script can touch them all)::
     ns:{ns:p}:log               stream: the recent invalidation messages, for replay after a gap
     ns:{ns:p}:inv               the pub/sub channel of invalidations
     ns:{ns:0}:hb:<origin>       a process' heartbeat (its stats), expiring
+
+Long keys. ``<encoded key>`` above is the encoding itself when it is at most ``max_key_bytes``
+(default 1024) long; a longer one is stored under its first ``max_key_bytes`` bytes, ``#`` and the
+hex SHA-256 of the whole encoding (``KeySpace.stored``), so Redis key names stay bounded. That name
+is longer than ``max_key_bytes``, so it never equals the name of a short key (injective), and it
+keeps the namespace and the encoding's start, so SCAN patterns of a prefix (``clear_prefix``, a
+decorated function's ``cache_clear``) still find it. Every cache of a namespace must use the same
+``max_key_bytes``. An encoding longer than ``KEY_BYTES_LIMIT`` is refused (``ValueError``): keys
+travel whole in invalidation messages, which are at most 1 MiB.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Hashable
 from dataclasses import dataclass
 
 KeyType = str | bytes | int | float | bool | None | tuple
 SUPPORTED = "str, bytes, int, float, bool, None or tuples of these"
+MAX_KEY_BYTES = 1024  # default: a longer encoded key is stored under a digest
+KEY_BYTES_LIMIT = (1 << 20) - 4096  # the longest encoded key (protocol.MAX_MESSAGE_BYTES - header)
 
 
 def encode_key(key: object) -> bytes:
@@ -144,11 +156,14 @@ class KeySpace:
 
     namespace: str = "tc"
     partitions: int = 1
+    max_key_bytes: int = MAX_KEY_BYTES
 
     def __post_init__(self) -> None:
         _check_namespace(self.namespace)
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if not 16 <= self.max_key_bytes <= KEY_BYTES_LIMIT:
+            raise ValueError(f"max_key_bytes must be between 16 and {KEY_BYTES_LIMIT}")
         ns = self.namespace
         prefixes = tuple(f"{ns}:{{{ns}:{p}}}:".encode() for p in range(self.partitions))
         object.__setattr__(self, "_prefixes", prefixes)
@@ -161,18 +176,37 @@ class KeySpace:
         """``ns:{ns:p}:``, the prefix of every key of a partition."""
         return self._prefixes[partition]  # type: ignore[attr-defined,no-any-return]
 
+    def stored(self, encoded: bytes) -> bytes:
+        """What stands for ``encoded`` in Redis key names: itself, or its digest form if long."""
+        if len(encoded) <= self.max_key_bytes:
+            return encoded
+        if len(encoded) > KEY_BYTES_LIMIT:
+            raise ValueError(
+                f"key too long: {len(encoded)} bytes encoded, at most {KEY_BYTES_LIMIT}"
+            )
+        digest = hashlib.sha256(encoded).hexdigest().encode()
+        return encoded[: self.max_key_bytes] + b"#" + digest
+
+    def is_digest(self, stored: bytes) -> bool:
+        """Whether a name's key part (``encoded_of_value_key``) is the digest form of a long key."""
+        return len(stored) > self.max_key_bytes
+
+    def clip(self, prefix: bytes) -> bytes:
+        """A prefix of encodings as far as stored names keep it (their first max_key_bytes)."""
+        return prefix[: self.max_key_bytes]
+
     def value(self, encoded: bytes) -> bytes:
         """The value key of an encoded key."""
-        return self.prefix(self.partition(encoded)) + b"v:" + encoded
+        return self.prefix(self.partition(encoded)) + b"v:" + self.stored(encoded)
 
     def script_keys(self, encoded: bytes) -> tuple[bytes, bytes, bytes]:
         """(counter, log, entry) keys of an encoded key, all in one slot."""
         prefix = self.prefix(self.partition(encoded))
-        return prefix + b"seq", prefix + b"log", prefix + b"v:" + encoded
+        return prefix + b"seq", prefix + b"log", prefix + b"v:" + self.stored(encoded)
 
     def refresh_marker(self, encoded: bytes) -> bytes:
         """The key marking a refresh of ``encoded`` in progress (same slot as its entry)."""
-        return self.prefix(self.partition(encoded)) + b"r:" + encoded
+        return self.prefix(self.partition(encoded)) + b"r:" + self.stored(encoded)
 
     def heartbeat(self, origin: str) -> bytes:
         """The heartbeat hash of one process (in partition 0's slot)."""
@@ -203,5 +237,5 @@ class KeySpace:
         return escape_glob(self.prefix(partition)) + b"*"
 
     def encoded_of_value_key(self, name: bytes) -> bytes:
-        """The encoded user key inside a value key name."""
+        """The encoded user key inside a value key name (its digest form if ``is_digest``)."""
         return name[name.index(b"}:v:") + 4 :]
