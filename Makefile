@@ -1,9 +1,11 @@
 # tiercache — every target does its own set-up on a fresh machine (python3 with venv/pip, gcc).
 #
-#   make demo     venv + extension + Redis, then `python -m tiercache demo`
+#   make demo     venv + extension + Redis + the cli/plot extras, then `python -m tiercache demo`
+#                 (live table, consistency verdict, plot in build/demo.png; DEMO_ARGS overrides)
 #   make test     venv + extension + Redis, then the suite twice: Cython build, pure-Python twin
 #   make soak     the long chaos runs (-m slow), both implementations
 #   make bench    the benchmark suite (installs the bench extra)
+#   make docs     the documentation (MkDocs --strict, installs the docs extra) into build/site
 #   make lint     ruff check + ruff format --check        make format: apply both
 #   make redis    make a Redis server binary available (scripts/install-redis.sh)
 #   make clean    remove the venv, build artifacts and the in-place .so/.c
@@ -29,6 +31,8 @@ PYTEST := $(VENV)/bin/pytest
 VENV_STAMP := $(VENV)/.stamp-install
 BENCH_STAMP := $(VENV)/.stamp-bench
 LINT_STAMP := $(VENV)/.stamp-lint
+DEMO_STAMP := $(VENV)/.stamp-demo
+DOCS_STAMP := $(VENV)/.stamp-docs
 REDIS_STAMP := $(VENV)/.stamp-redis
 
 # ext/NAME.pyx is built in place as tiercache/NAME<EXT_SUFFIX> (see setup.py).
@@ -55,7 +59,9 @@ env -u TIERCACHE_REQUIRE_EXTENSIONS TIERCACHE_NO_EXTENSIONS=1 $(PYTEST) $(TESTS)
 exit $$(( rc1 != 0 ? rc1 : rc2 ))
 endef
 
-.PHONY: all venv .venv build ext redis test soak demo bench lint format clean
+DEMO_ARGS ?= --plot build/demo.png
+
+.PHONY: all venv .venv build ext redis test soak demo bench docs lint format clean
 
 all: test
 
@@ -94,8 +100,20 @@ test: build $(REDIS_STAMP)
 soak: build $(REDIS_STAMP)
 	@( $(call run_suite,soak,-m slow) ) || { rc=$$?; [ $$rc = 5 ] && echo "no slow tests yet" || exit $$rc; }
 
-demo: build $(REDIS_STAMP)
-	$(PY) -m tiercache demo
+# The demo's optional extras: rich (the live table) and matplotlib (the plot).
+$(DEMO_STAMP): pyproject.toml | $(VENV_STAMP)
+	{ $(call pyproject_reqs,cli); $(call pyproject_reqs,plot); } | xargs -r -d '\n' $(PIP) install -q
+	touch $@
+
+demo: build $(REDIS_STAMP) $(DEMO_STAMP)
+	$(PY) -m tiercache demo $(DEMO_ARGS)
+
+$(DOCS_STAMP): pyproject.toml | $(VENV_STAMP)
+	$(call pyproject_reqs,docs) | xargs -r -d '\n' $(PIP) install -q
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict --clean --site-dir build/site
 
 $(BENCH_STAMP): pyproject.toml | $(VENV_STAMP)
 	$(call pyproject_reqs,bench) | xargs -r -d '\n' $(PIP) install -q

@@ -151,15 +151,23 @@ class SubTier(Protocol):
 
 
 class _Window:
-    """The last ``size`` samples of a duration, for percentiles in stats()."""
+    """The last ``size`` samples of a duration, for percentiles in stats() and the metrics."""
 
     def __init__(self, size: int = 1024) -> None:
         self._samples: collections.deque[float] = collections.deque(maxlen=size)
+        self._lock = threading.Lock()
         self.count = 0
 
     def add(self, value: float) -> None:
-        self._samples.append(value)
-        self.count += 1
+        with self._lock:
+            self._samples.append(value)
+            self.count += 1
+
+    def since(self, seen: int) -> tuple[list[float], int]:
+        """(the samples added after the first ``seen`` ones, as far as kept; the total count)."""
+        with self._lock:
+            new = min(self.count - seen, len(self._samples))
+            return (list(self._samples)[-new:] if new > 0 else []), self.count
 
     def percentiles(self) -> dict[str, float | None]:
         data = sorted(self._samples)
@@ -231,6 +239,7 @@ class _Counters:
         "filtered",
         "stale_served",
         "refreshes",
+        "lease_waits",
         "lease_timeouts",
         "read_errors",
         "write_errors",
@@ -940,6 +949,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         token = secrets.token_bytes(16)
         deadline = time.monotonic() + self._lease_wait
         delay = _POLL_FIRST
+        waited = False
         while True:
             try:
                 lease = self._driver.lease(encoded, token, self._lease_ms, rejected)
@@ -947,6 +957,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 return None
             if lease.kind != "w":
                 return lease
+            if not waited:
+                self._counters.add("lease_waits")
+                waited = True
             left = deadline - time.monotonic()
             if left <= 0:
                 self._counters.add("lease_timeouts")
@@ -1327,6 +1340,11 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         return out
 
     @property
+    def duration_windows(self) -> dict[str, _Window]:
+        """The recent invalidation lags and load times (for tiercache.metrics)."""
+        return {"invalidation_lag_ms": self._lags, "load_ms": self._load_times}
+
+    @property
     def bloom(self) -> NegativeFilter | None:
         """The negative filter (``bloom=``), or None."""
         return self._bloom
@@ -1362,6 +1380,11 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if self._listener is not None:
             self._listener.stop()
         self._refresher.close()
+        if self._heartbeat_interval:
+            try:  # a closed process leaves the fleet view at once
+                self._driver.client.delete(self._keys.heartbeat(self._origin))
+            except redis_lib.RedisError:
+                pass
         self._driver.close()
         if self._owns_client:
             self._driver.client.close()
