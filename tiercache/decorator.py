@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 from ._sentinel import MISSING
+from .errors import CacheUnavailable
 from .keys import encode_key
 from .local import CallFront, LocalCache, install_fast_call
 from .tiered import CALL_MARK, TieredCache, _PendingLoad
@@ -163,6 +164,12 @@ class CachedFunction(CallFront):
         """A call the C front did not answer from the local tier."""
         kwargs = kwargs or {}
         _, rkey = self._keys.of_call(args, kwargs)
+        cache = self._tiered
+        if cache._local_usable:  # a local hit the C path could not take: counted once, here
+            lkey = cache._slot(rkey, encode_key(rkey)).key
+            e = self.local.entry(lkey)
+            if e is not None and e.fresh_until > self.local.timer():
+                return self.local.get(lkey, e.value)
         loaded = False
 
         def load(_key: Any) -> Any:
@@ -176,6 +183,7 @@ class CachedFunction(CallFront):
         try:
             value = self._tiered._read(rkey, load, self._ttl)
         except _CallError as err:
+            self._count(True)  # a call that raised is a miss, as in functools
             raise err.error from None
         self._count(loaded)
         return value
@@ -254,7 +262,10 @@ class AsyncCachedFunction:
         self._loads = 0
         cache.register_subtier(self._keys.name, self)
         self._local_maxsize = local_maxsize
-        self._is_coroutine = getattr(inspect, "markcoroutinefunction", lambda f: f)(self)
+        if hasattr(inspect, "markcoroutinefunction"):  # Python >= 3.12
+            inspect.markcoroutinefunction(self)
+        else:  # the marker asyncio.iscoroutinefunction looks for
+            self._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
     def local_key_of(self, key: tuple[Any, ...]) -> Hashable:
         """The local key of a call key (for the cache's invalidation routing)."""
@@ -279,7 +290,13 @@ class AsyncCachedFunction:
 
     async def _miss(self, rkey: tuple[Any, ...], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
         cache = self._tiered
-        value = await asyncio.to_thread(cache._read, rkey, None, self._ttl)
+        try:
+            value = await asyncio.to_thread(cache._read, rkey, None, self._ttl)
+        except CacheUnavailable:
+            # Redis failed the read and no recent local copy stands in (stale_if_error): the
+            # function answers, as the sync path's loader does (SPEC 3.6); once per process.
+            self._loads += 1
+            return await self._fn(*args, **kw)
         if value is not MISSING:
             self._remote_hits += 1
             return value

@@ -24,12 +24,19 @@ class SingleFlight:
         self._lock = threading.Lock()
         self._calls: dict[Hashable, Future[Any]] = {}
 
-    def run(self, key: Hashable, fn: Callable[[], Any], wait: float) -> Any:
+    def run(
+        self,
+        key: Hashable,
+        fn: Callable[[], Any],
+        wait: float,
+        fallback: Callable[[], Any] | None = None,
+    ) -> Any:
         """``fn()`` once for all concurrent callers of ``key``.
 
         A caller that joins a call in flight waits at most ``wait`` seconds for it, then runs
-        ``fn()`` itself, so a stuck leader cannot strand the others. The leader's exception
-        reaches every waiter and is not remembered: the next call tries again.
+        ``fallback()`` (default ``fn()``) itself, so a stuck leader cannot strand the others.
+        The leader's exception reaches every waiter and is not remembered: the next call tries
+        again.
         """
         with self._lock:
             call = self._calls.get(key)
@@ -40,7 +47,7 @@ class SingleFlight:
             try:
                 return call.result(timeout=wait)
             except FutureTimeout:
-                return fn()
+                return (fallback or fn)()
         try:
             result = fn()
         except BaseException as err:

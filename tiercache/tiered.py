@@ -662,7 +662,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             else:  # the filter is asked in the same round trip
                 raw, verdict = self._driver.get_and(self._keys.value(encoded), probe)
         except redis_lib.RedisError as err:
-            return self._read_failed(err, key, slot, loader)
+            return self._read_failed(err, key, encoded, slot, loader)
         hit = self._decode(raw, encoded) if raw is not None else None
         if hit is not None and hit is not _REJECTED:
             self._counters.add("remote_hits")
@@ -679,7 +679,14 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             encoded,
             lambda: self._load(key, encoded, slot, loader, ttl, rejected),
             wait=self._lease_wait,
+            # The leader (this process) holds the fill lease: do not wait for it again.
+            fallback=lambda: self._load_unleased(key, loader),
         )
+
+    def _load_unleased(self, key: Hashable, loader: Callable[[Any], Any]) -> Any:
+        """``loader(key)`` without the fill lease: its value is returned, not stored."""
+        self._counters.add("loads")
+        return _absent_to_missing(loader, key)
 
     def _serve(
         self,
@@ -701,9 +708,11 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             self._counters.add("stale_served")
             return value
         horizon = 0.0
-        if loader is not None and fresh_until and load_ms and self._beta > 0:
+        if fresh_until and load_ms and self._beta > 0:
             delta = load_ms / 1000.0
-            if xfetch_due(now, fresh_until, delta, self._beta, self._random()):
+            if loader is not None and xfetch_due(
+                now, fresh_until, delta, self._beta, self._random()
+            ):
                 self._schedule_refresh(key, encoded, slot, loader, ttl, version)
             # Local copies stop short of the window where an early refresh may be drawn, so the
             # reads near expiry come here and draw.
@@ -719,6 +728,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self,
         err: redis_lib.RedisError,
         key: Hashable,
+        encoded: bytes,
         slot: _Slot,
         loader: Callable[[Any], Any] | None,
     ) -> Any:
@@ -727,9 +737,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         stale = self._stale_local(slot)
         if stale is not _NOT_LOCAL:
             return stale
-        if loader is not None:
-            self._counters.add("loads")
-            return _absent_to_missing(loader, key)
+        if loader is not None:  # once per process for concurrent callers, Redis or not
+            return self._flights.run(
+                encoded, lambda: self._load_unleased(key, loader), wait=self._lease_wait
+            )
         raise CacheUnavailable(f"Redis read of {key!r} failed: {err}") from err
 
     def _stale_local(self, slot: _Slot) -> Any:
@@ -889,12 +900,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         lease = self._acquire_lease(encoded, rejected)
         if lease is not None and lease.kind == "v":
             hit = self._decode(lease.envelope or b"", encoded)
-            if hit is _REJECTED:
+            if hit is _REJECTED or hit is None:  # unreadable, or expired by our clock
                 lease = self._acquire_lease(encoded, lease.envelope)
-            elif hit is not None:
-                return self._serve(key, encoded, slot, ticket, hit, None, ttl)
             else:
-                lease = None
+                return self._serve(key, encoded, slot, ticket, hit, None, ttl)
         if lease is not None and lease.kind == "v":
             lease = None  # still unreadable (rewritten meanwhile): load, without storing
         ours = lease if lease is not None and lease.kind == "l" else None
@@ -1043,7 +1052,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         """How long a local copy of ``env`` may be served from now."""
         fresh = self._local_ttl
         if env.fresh_until:
-            fresh = min(fresh, env.fresh_until - self._clock.now_us() / 1e6)
+            horizon = 0.0
+            if env.load_ms and self._beta > 0:  # reads in the XFetch window must reach Redis
+                horizon = self._beta * env.load_ms / 1000.0 * _XFETCH_HORIZON
+            fresh = min(fresh, env.fresh_until - self._clock.now_us() / 1e6 - horizon)
         return fresh
 
     # -- batches ----------------------------------------------------------------------------
