@@ -1,6 +1,7 @@
 """tiercache: a two-tier cache (in-process LRU/LFU/W-TinyLFU in front of Redis)."""
 
 from ._sentinel import MISSING
+from .bloom import BloomConfig
 from .decorator import CacheInfo, tiered_cache
 from .errors import CacheUnavailable, TiercacheError
 from .local import EXTENSIONS, LFUCache, LocalCache, LRUCache, TinyLFUCache
@@ -9,6 +10,7 @@ from .tiered import TieredCache
 __all__ = [
     "EXTENSIONS",
     "MISSING",
+    "BloomConfig",
     "CacheInfo",
     "CacheUnavailable",
     "LFUCache",
