@@ -235,6 +235,7 @@ class _Counters:
         "resyncs",
         "flushes",
         "rejected_payloads",
+        "stale_reads_refused",
         "unsigned_messages",
         "filtered",
         "stale_served",
@@ -655,6 +656,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             if e is not None and e.fresh_until > slot.l1.timer():
                 return slot.l1.get(slot.key, e.value)
         ticket = self._guard.ticket()
+        floor = self._floor(slot.guard)
         probe = self._bloom.probe(encoded) if self._bloom is not None else None
         try:
             if probe is None:
@@ -663,7 +665,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 raw, verdict = self._driver.get_and(self._keys.value(encoded), probe)
         except redis_lib.RedisError as err:
             return self._read_failed(err, key, encoded, slot, loader)
-        hit = self._decode(raw, encoded) if raw is not None else None
+        hit = self._decode(raw, encoded, floor) if raw is not None else None
         if hit is not None and hit is not _REJECTED:
             self._counters.add("remote_hits")
             return self._serve(key, encoded, slot, ticket, hit, loader, ttl)
@@ -756,12 +758,14 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._counters.add("stale_served")
         return e.value
 
-    def _decode(self, raw: bytes, encoded: bytes) -> _Hit | None:
+    def _decode(self, raw: bytes, encoded: bytes, floor: int = 0) -> _Hit | None:
         """What ``raw`` holds: a value or a cached absence, None for a miss, or ``_REJECTED``.
 
         A tombstone or a fill lease is a miss. A payload that does not verify (when a secret is
         set), is too large or does not parse is rejected: counted, logged, treated as a miss,
-        and never handed to a deserializer unverified.
+        and never handed to a deserializer unverified. So is an entry older than ``floor``, the
+        newest version of the key this process knew applied when the read began (a replayed or
+        rolled-back entry must not undo an invalidation already applied: SPEC 3.3).
         """
         try:
             magic, fmt, flags, codec, sig, version, expires_at, fresh_until, load_ms = (
@@ -785,14 +789,18 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 payload = payload[4 + len(encoded) :]
             if expires_at and expires_at <= self._clock.now_us() / 1e6:
                 return None
+            if not flags & FLAG_ABSENT:
+                if codec != self._codec.id:
+                    # Only this cache's own codec may read a payload: a pickle payload planted
+                    # in Redis must never reach pickle.loads.
+                    raise ValueError(f"payload of codec {codec}, this cache reads {self._codec.id}")
+                if len(payload) > self._max_value_bytes:
+                    raise ValueError(f"payload of {len(payload)} bytes > max_value_bytes")
+            if version < floor:
+                self._counters.add("stale_reads_refused")
+                return _REJECTED  # type: ignore[no-any-return]
             if flags & FLAG_ABSENT:
                 return version, flags, expires_at, fresh_until, load_ms, MISSING
-            if codec != self._codec.id:
-                # Only this cache's own codec may read a payload: a pickle payload planted in
-                # Redis must never reach pickle.loads.
-                raise ValueError(f"payload of codec {codec}, this cache reads {self._codec.id}")
-            if len(payload) > self._max_value_bytes:
-                raise ValueError(f"payload of {len(payload)} bytes > max_value_bytes")
             method = (flags & COMPRESSION_MASK) >> COMPRESSION_SHIFT
             if method:
                 payload = decompress(payload, method, self._max_value_bytes * _INFLATION)
@@ -803,12 +811,26 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return _REJECTED  # type: ignore[no-any-return]
         return version, flags, expires_at, fresh_until, load_ms, value
 
+    def _floor(self, guard: Hashable) -> int:
+        """The oldest version of a key a read starting now may serve (see ``_decode``).
+
+        A version ahead of this clock (forged, with no secret to tell) does not count: it costs
+        misses until that time at most, never a dead key.
+        """
+        newest = self._guard.applied(guard)
+        return newest if newest <= self._clock.now_us() else 0
+
     def _payload(self, value: Any) -> tuple[bytes, int]:
         """(payload, flags) of a value: encoded, compressed when large; ValueError if too big."""
         if value is MISSING:
             return b"", FLAG_ABSENT
         data = self._codec.dumps(value)
         flags = 0
+        if len(data) > self._max_value_bytes * _INFLATION:  # no reader would inflate it
+            raise ValueError(
+                f"value too large: {len(data)} bytes encoded > {_INFLATION} x max_value_bytes "
+                f"{self._max_value_bytes} (the most a compressed payload may inflate to)"
+            )
         if self._compress_over is not None and len(data) >= self._compress_over:
             data, method = compress(data, self._compress_over)
             flags = method << COMPRESSION_SHIFT
@@ -897,9 +919,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         ``rejected``: bytes of this key that did not verify or parse; the lease replaces them.
         """
         ticket = self._guard.ticket()  # before the lease script reads Redis, as in _read
+        floor = self._floor(slot.guard)
         lease = self._acquire_lease(encoded, rejected)
         if lease is not None and lease.kind == "v":
-            hit = self._decode(lease.envelope or b"", encoded)
+            hit = self._decode(lease.envelope or b"", encoded, floor)
             if hit is _REJECTED or hit is None:  # unreadable, or expired by our clock
                 lease = self._acquire_lease(encoded, lease.envelope)
             else:
@@ -1082,6 +1105,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if not missing:
             return found
         encoded = [encode_key(k) for k in missing]
+        floors = [
+            self._floor(self._slot(k, e).guard) for k, e in zip(missing, encoded, strict=True)
+        ]
         token = secrets.token_bytes(16)
         try:
             leases: list[LeaseResult | None] = list(
@@ -1090,13 +1116,16 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         except redis_lib.RedisError:
             leases = [None] * len(missing)
         to_load = []
-        for key, enc, lease in zip(missing, encoded, leases, strict=True):
+        for key, enc, floor, lease in zip(missing, encoded, floors, leases, strict=True):
             if lease is not None and lease.kind == "v":
-                hit = self._decode(lease.envelope or b"", enc)
+                hit = self._decode(lease.envelope or b"", enc, floor)
                 if hit is not None and hit is not _REJECTED:
                     if hit[5] is not MISSING:
                         found[key] = hit[5]
                     continue
+                # Unreadable or expired by our clock: a lease that replaces exactly those bytes,
+                # so the fill below overwrites them (as the single-key path does).
+                lease = self._acquire_lease(enc, lease.envelope)
             to_load.append((key, enc, lease))
         if not to_load:
             return found
@@ -1138,6 +1167,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 continue
             pending.append((key, encoded, slot))
         ticket = self._guard.ticket()
+        floors = [self._floor(slot.guard) for _, _, slot in pending]
         tickets = {key: ticket for key, _, _ in pending}
         if not pending:
             return found, [], tickets
@@ -1146,8 +1176,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis read failed: {err}") from err
         missing = []
-        for (key, encoded, slot), raw in zip(pending, raws, strict=True):
-            hit = self._decode(raw, encoded) if raw is not None else None
+        for (key, encoded, slot), floor, raw in zip(pending, floors, raws, strict=True):
+            hit = self._decode(raw, encoded, floor) if raw is not None else None
             if hit is None or hit is _REJECTED:
                 self._counters.add("misses")
                 missing.append(key)
@@ -1238,7 +1268,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             # The outcome is unknown (Redis may apply it later): no local copy of this key may
             # be trusted, and a fill that read the old value must not install it.
             with self._guard.lock:
-                self._guard.observe(slot.guard, env.version)
+                self._guard.observe(slot.guard, env.version, applied=False)
                 slot.l1.pop(slot.key, None)
             self._counters.add("write_errors")
             if self._on_write_error == "invalidate_local":
