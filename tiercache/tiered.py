@@ -1055,8 +1055,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     ) -> None:
         """Reload ``key`` in the background; store it only if the key still holds ``version``."""
         token = secrets.token_bytes(16)
-        if not self._driver.mark_refresh(encoded, token, self._lease_ms):
-            return  # another process refreshes it (the XFetch "refreshing" marker)
+        if not self._driver.mark_refresh(encoded, token, self._lease_ms, version):
+            return  # another process refreshes it, or already did (the "refreshing" marker)
         ticket = self._guard.ticket()
         started = time.monotonic()
         self._counters.add("loads")
