@@ -77,6 +77,7 @@ _WRITE_ATTEMPTS = 3
 _LOG_INTERVAL = 10.0
 _POLL_FIRST = 0.002  # first wait for another process' fill, then x1.5 up to _POLL_MAX
 _POLL_MAX = 0.05
+_FLOOR_LEAD_US = 1_000_000  # see TieredCache._floor
 _MAX_CLOCK_LEAD_US = 3_600_000_000  # a version more than 1 h ahead of Redis time is not believed
 _INFLATION = 32  # a compressed payload may decode to at most this many times max_value_bytes
 _REJECTED: Any = object()  # what _decode says of bytes that do not verify or parse
@@ -814,11 +815,12 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _floor(self, guard: Hashable) -> int:
         """The oldest version of a key a read starting now may serve (see ``_decode``).
 
-        A version ahead of this clock (forged, with no secret to tell) does not count: it costs
-        misses until that time at most, never a dead key.
+        A version more than a second ahead of this clock (forged, with no secret to tell) does
+        not count: it costs misses for a second at most, never a dead key. (Genuine versions may
+        run a little ahead: this clock's offset to Redis time is an estimate.)
         """
         newest = self._guard.applied(guard)
-        return newest if newest <= self._clock.now_us() else 0
+        return newest if newest <= self._clock.now_us() + _FLOOR_LEAD_US else 0
 
     def _payload(self, value: Any) -> tuple[bytes, int]:
         """(payload, flags) of a value: encoded, compressed when large; ValueError if too big."""
