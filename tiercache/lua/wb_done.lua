@@ -1,0 +1,33 @@
+-- Finish write-behind entries: acknowledge and delete them (the writer applied them), or move
+-- them to the dead-letter stream first (the writer kept failing).
+--
+-- KEYS[1] the write-behind stream, KEYS[2] the dead-letter stream
+-- ARGV[1] consumer group, ARGV[2] "ack" or "dead", ARGV[3] the error text (for "dead"),
+-- ARGV[4] attempts made (for "dead"), ARGV[5...] the entry ids
+--
+-- Returns how many entries were finished.
+
+local ids = {}
+for i = 5, #ARGV do
+  ids[#ids + 1] = ARGV[i]
+end
+if #ids == 0 then
+  return 0
+end
+if ARGV[2] == "dead" then
+  for _, id in ipairs(ids) do
+    local rec = redis.call("XRANGE", KEYS[1], id, id)
+    if rec[1] then
+      local fields = rec[1][2]
+      fields[#fields + 1] = "id"
+      fields[#fields + 1] = id
+      fields[#fields + 1] = "error"
+      fields[#fields + 1] = ARGV[3]
+      fields[#fields + 1] = "attempts"
+      fields[#fields + 1] = ARGV[4]
+      redis.call("XADD", KEYS[2], "*", unpack(fields))
+    end
+  end
+end
+redis.call("XACK", KEYS[1], ARGV[1], unpack(ids))
+return redis.call("XDEL", KEYS[1], unpack(ids))
