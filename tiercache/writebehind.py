@@ -13,6 +13,7 @@ outside the ``ns:{ns:p}:`` prefix so that ``clear()`` never drops queued writes)
     ns:wb:{ns:p}        stream of queued writes (fields o, k, v, e), group "tiercache-flush"
     ns:wbdead:{ns:p}    dead-letter stream: writes the writer failed max_attempts times
     ns:wblock:{ns:p}    the flush lock: one flusher at a time writes a partition
+    ns:wbhw:{ns:p}      hash: per key with writes in flight, the highest version handed out
 
 Order. The writes of one key enter the stream in version order (the write script rejects a
 version that is not above the stored one, and appends in the same step). One flusher at a time
@@ -85,6 +86,11 @@ def lock_key(keys: KeySpace, partition: int) -> bytes:
     return _name(keys, "wblock", partition)
 
 
+def mark_key(keys: KeySpace, partition: int) -> bytes:
+    """The high-water hash of a partition: per key, the highest version handed to a writer."""
+    return _name(keys, "wbhw", partition)
+
+
 def write_behind_source() -> str:
     """``lua/write_behind.lua`` with ``lua/write.lua`` inserted (so both stay one write path)."""
     wrapper = load_script_source("write_behind")
@@ -125,18 +131,30 @@ class FlushCommands:
         args = (GROUP, consumer, consumer, lock_ms, count, idle_ms)
         return Call("wb_take", args, keys)
 
+    def begin(self, partition: int, items: list[tuple[bytes, int]]) -> Call:
+        """Raise the high-water marks of (encoded, version) items; which ones may go out."""
+        args = tuple(part for item in items for part in item)
+        keys = (mark_key(self.keys, partition),)
+        return Call("wb_begin", args, keys, lambda r: [int(x) == 1 for x in r])
+
     def done(
         self,
         partition: int,
-        ids: list[bytes],
+        entries: list[tuple[bytes, bytes, int]],
         *,
         dead: bool = False,
         error: str = "",
         attempts: int = 0,
     ) -> Call:
-        """Acknowledge and delete ``ids``; with ``dead``, copy them to the dead-letter stream."""
-        keys = (stream_key(self.keys, partition), dead_key(self.keys, partition))
-        args = (GROUP, "dead" if dead else "ack", error[:1000], attempts, *ids)
+        """Acknowledge and delete (id, encoded, version) entries; ``dead``: dead-letter them."""
+        keys = (
+            stream_key(self.keys, partition),
+            dead_key(self.keys, partition),
+            mark_key(self.keys, partition),
+        )
+        ids = [e[0] for e in entries]
+        marks = [part for _, enc, version in entries for part in (enc, version)]
+        args = (GROUP, "dead" if dead else "ack", error[:1000], attempts, len(ids), *ids, *marks)
         return Call("wb_done", args, keys, int)
 
     def lock(self, partition: int, token: bytes, ttl_ms: int) -> Call:
@@ -457,18 +475,20 @@ class WriteBehind:
             except (KeyError, ValueError):
                 bad.append(entry_id)
         if bad:
-            self._dead(partition, bad, "malformed write-behind entry", 1)
-        batch: list[WriteBehindItem] = []
+            self._dead(partition, [(i, b"", 0) for i in bad], "malformed write-behind entry", 1)
         last = coalesce(entries)
-        for e in last:
+        go = self._driver.call(self._calls.begin(partition, [(e.encoded, e.version) for e in last]))
+        batch: list[WriteBehindItem] = []
+        for e, ok in zip(last, go, strict=True):
+            if not ok:  # a newer version of the key was handed out: this one is superseded
+                continue
             try:
                 batch.append(self._item(e))
             except (ValueError, TypeError) as err:  # a payload this cache cannot read
-                same = [x.id for x in entries if x.encoded == e.encoded]
+                same = [_triple(x) for x in entries if x.encoded == e.encoded]
                 self._dead(partition, same, f"unreadable value: {err}", e.deliveries)
                 entries = [x for x in entries if x.encoded != e.encoded]
-        ids = [e.id for e in entries]
-        if not ids:
+        if not entries:
             return len(bad)
         assert self.writer is not None
         try:
@@ -477,12 +497,16 @@ class WriteBehind:
         except Exception as err:
             self._counts["failures"] += 1
             self._failures += 1
-            spent = [e.id for e in entries if e.deliveries >= self.max_attempts]
+            spent = [_triple(e) for e in entries if e.deliveries >= self.max_attempts]
             if spent:
                 attempts = max(e.deliveries for e in entries)
                 self._dead(partition, spent, f"{type(err).__name__}: {err}", attempts)
-            delay = min(self.retry_backoff * 2 ** (self._failures - 1), self.retry_backoff_max)
-            self._retry_at = time.monotonic() + delay
+            if len(spent) == len(entries):  # all gone: the next batch starts afresh
+                self._failures = 0
+            delay = min(
+                self.retry_backoff * 2 ** max(0, self._failures - 1), self.retry_backoff_max
+            )
+            self._retry_at = time.monotonic() + delay if self._failures else 0.0
             log.warning(
                 "write-behind %r: writer failed (%d writes, attempt %d): %s; %s",
                 self._keys.namespace,
@@ -494,21 +518,23 @@ class WriteBehind:
             return len(spent) + len(bad)
         self._failures = 0
         self._retry_at = 0.0
-        self._driver.call(self._calls.done(partition, ids))
+        self._driver.call(self._calls.done(partition, [_triple(e) for e in entries]))
         self._counts["batches"] += 1
         self._counts["written"] += len(batch)
-        self._counts["coalesced"] += len(ids) - len(batch)
-        return len(ids) + len(bad)
+        self._counts["coalesced"] += len(entries) - len(batch)
+        return len(entries) + len(bad)
 
-    def _dead(self, partition: int, ids: list[bytes], error: str, attempts: int) -> None:
+    def _dead(
+        self, partition: int, entries: list[tuple[bytes, bytes, int]], error: str, attempts: int
+    ) -> None:
         self._driver.call(
-            self._calls.done(partition, ids, dead=True, error=error, attempts=attempts)
+            self._calls.done(partition, entries, dead=True, error=error, attempts=attempts)
         )
-        self._counts["dead"] += len(ids)
+        self._counts["dead"] += len(entries)
         log.error(
             "write-behind %r: %d writes moved to the dead-letter stream: %s",
             self._keys.namespace,
-            len(ids),
+            len(entries),
             error,
         )
 
@@ -518,6 +544,10 @@ class WriteBehind:
         if e.op == "D":
             return WriteBehindItem(key, None, e.version, True)
         return WriteBehindItem(key, decode_value(self.cache, e.encoded, e.envelope), e.version)
+
+
+def _triple(e: _Entry) -> tuple[bytes, bytes, int]:
+    return e.id, e.encoded, e.version
 
 
 def _user_key(encoded: bytes) -> Any:
