@@ -26,7 +26,7 @@ import redis
 
 from tests.servers import RedisServer, pid_alive, wait_until
 from tests.wb_procs import SqliteOrigin, applied_log, connect, origin_rows
-from tiercache import TieredCache, WriteBehind, WriteBehindItem, write_around
+from tiercache import CacheUnavailable, TieredCache, WriteBehind, WriteBehindItem, write_around
 from tiercache.envelope import unpack
 from tiercache.keys import encode_key
 from tiercache.writebehind import coalesce, stream_key
@@ -196,6 +196,21 @@ def test_background_flusher_and_secret(redis_client: redis.Redis, tmp_path: Path
         assert {k: v for k, (v, _) in origin_rows(db).items()} == {
             f"k{i}": 40 + i for i in range(10)
         }
+
+
+def test_a_failed_write_behind_always_raises(redis_server: RedisServer) -> None:
+    with TieredCache(
+        redis_server.url,
+        namespace="wb6",
+        heartbeat_interval=0,
+        on_write_error="invalidate_local",
+        retries=0,
+    ) as cache:
+        cache.set("k", 1, write_behind=True)
+        redis_server.stop()
+        cache.set("plain", 1)  # swallowed, as configured: the caller wrote the origin itself
+        with pytest.raises(CacheUnavailable):  # never swallowed: the origin write would be lost
+            cache.set("k", 2, write_behind=True)
 
 
 # -- processes: a flusher SIGKILLed in the middle of a batch -------------------------------

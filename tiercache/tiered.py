@@ -1261,7 +1261,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 self._guard.observe(slot.guard, env.version)
                 slot.l1.pop(slot.key, None)
             self._counters.add("write_errors")
-            if self._on_write_error == "invalidate_local":
+            if self._on_write_error == "invalidate_local" and not behind:
                 self._warn(f"write of {key!r} failed, only invalidated locally: {err}")
                 return None
             raise CacheUnavailable(f"Redis write of {key!r} failed: {err}") from err
