@@ -137,6 +137,7 @@ def test_batches_coalesce_to_the_last_version_in_order(
             "z": ("z4", _stored_version(cache, "z")),
         }
         assert wb.stats()["coalesced"] == 13 and wb.pending() == 0
+        wb.close()
 
 
 def test_coalesce_keeps_the_highest_version() -> None:
@@ -162,6 +163,7 @@ def test_writer_failures_retry_then_succeed(redis_client: redis.Redis) -> None:
         assert wb.flush(10.0)
         assert calls == [1, 1, 1]
         assert wb.dead_letters() == [] and wb.stats()["failures"] == 2
+        wb.close()
 
 
 def test_writer_failures_dead_letter_after_max_attempts(redis_client: redis.Redis) -> None:
@@ -182,6 +184,7 @@ def test_writer_failures_dead_letter_after_max_attempts(redis_client: redis.Redi
         assert all(d["attempts"] == 3 and "constraint violated" in d["error"] for d in dead)
         assert wb.stats()["dead_letters"] == 2 and wb.pending() == 0
         assert cache["p"] == "poison"  # the cache keeps the value
+        wb.close()
 
 
 def test_background_flusher_and_secret(redis_client: redis.Redis, tmp_path: Path) -> None:

@@ -352,9 +352,17 @@ class WriteBehind:
             return
         name = f"tiercache:writebehind:{self._keys.namespace}"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._keeper = threading.Thread(target=self._keep, name=f"{name}:lock", daemon=True)
         self._thread.start()
-        self._keeper.start()
+        self._ensure_keeper()
+
+    def _ensure_keeper(self) -> None:
+        """Start the thread that keeps our locks (also for flush() without start())."""
+        with self._held_lock:
+            if self._keeper is not None or self._stop.is_set():
+                return
+            name = f"tiercache:writebehind:{self._keys.namespace}:lock"
+            self._keeper = threading.Thread(target=self._keep, name=name, daemon=True)
+            self._keeper.start()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Write out every queued write (this process' and others'); whether none is left."""
@@ -447,6 +455,7 @@ class WriteBehind:
                 self._held.discard(partition)
                 return 0
             self._held.add(partition)
+        self._ensure_keeper()
         if kind != b"ok":
             return 0
         source, raw_entries, deliveries = reply[1], reply[2], reply[3]
