@@ -269,7 +269,7 @@ def test_concurrent_flushers_apply_each_key_in_version_order(
     connect(db).close()
     ns = _ns("wbconc")
     opts = {"url": redis_server.url, "namespace": ns, "db": str(db), "lock_ttl": 1.0}
-    flushers = [spawn("flusher", {**opts, "run_for": 4.0, "batch_size": 20}) for _ in range(3)]
+    flushers = [spawn("flusher", {**opts, "run_for": 2.0, "batch_size": 20}) for _ in range(3)]
     last: dict[str, str] = {}
     with TieredCache(redis_server.url, namespace=ns, heartbeat_interval=0) as cache:
         wb = WriteBehind(cache, writer=None)

@@ -29,7 +29,11 @@ _checked_lock = threading.Lock()
 
 
 def _server_id(client: redis_lib.Redis) -> str:
-    kw = client.get_connection_kwargs()
+    """host:port/db of a client (any other client type: its identity)."""
+    try:
+        kw = client.get_connection_kwargs()
+    except AttributeError:  # a cluster client: one check per client object
+        return f"{type(client).__name__}@{id(client):x}"
     return f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}/{kw.get('db', 0)}"
 
 
@@ -53,6 +57,9 @@ def _config(client: redis_lib.Redis, *names: str) -> dict[str, str] | None:
                 out[k] = v.decode() if isinstance(v, bytes) else str(v)
     except redis_lib.RedisError as err:  # NOPERM, unknown command, a closed connection...
         log.debug("Redis configuration not checked (CONFIG GET refused): %s", err)
+        return None
+    except Exception as err:  # a client of another shape: never fail a cache for a check
+        log.debug("Redis configuration not checked: %r", err)
         return None
     return out
 
