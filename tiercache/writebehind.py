@@ -67,6 +67,7 @@ MAX_BATCH = 1000  # entry ids travel as script arguments (Lua's unpack has limit
 
 
 def _name(keys: KeySpace, kind: str, partition: int) -> bytes:
+    """``ns:<kind>:{ns:p}``: outside the partition's prefix, in its hash slot."""
     ns = keys.namespace
     return f"{ns}:{kind}:{{{ns}:{partition}}}".encode()
 
@@ -179,6 +180,7 @@ class FlushCommands:
 
 
 def _is_one(reply: Any) -> bool:
+    """Whether a reply is the integer 1."""
     return int(reply) == 1
 
 
@@ -197,6 +199,8 @@ class WriteBehindItem:
 
 @dataclass(slots=True)
 class _Entry:
+    """One stream entry as taken."""
+
     id: bytes
     op: str
     encoded: bytes
@@ -206,6 +210,7 @@ class _Entry:
 
 
 def _fields(raw: Any) -> dict[bytes, bytes]:
+    """A stream entry's fields as a dict (redis-py parses some replies, Lua's come flat)."""
     if isinstance(raw, dict):
         return raw
     it = iter(raw)
@@ -223,6 +228,7 @@ def coalesce(entries: list[Any]) -> list[Any]:
 
 
 def _id_order(entry_id: bytes) -> tuple[int, int]:
+    """The sort key of a stream entry id."""
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
 
@@ -409,6 +415,7 @@ class WriteBehind:
         self.close()
 
     def _run(self) -> None:
+        """The background flusher: rounds, then a wait of flush_interval (or the backoff)."""
         while not self._stop.is_set():
             try:
                 done = self.flush_once()
@@ -536,6 +543,7 @@ class WriteBehind:
     def _dead(
         self, partition: int, entries: list[tuple[bytes, bytes, int]], error: str, attempts: int
     ) -> None:
+        """Move entries to the dead-letter stream (logged as an error)."""
         self._driver.call(
             self._calls.done(partition, entries, dead=True, error=error, attempts=attempts)
         )
@@ -556,10 +564,12 @@ class WriteBehind:
 
 
 def _triple(e: _Entry) -> tuple[bytes, bytes, int]:
+    """(id, encoded key, version) of an entry, as wb_done.lua takes them."""
     return e.id, e.encoded, e.version
 
 
 def _user_key(encoded: bytes) -> Any:
+    """The user key of an encoding (the encoding itself if it does not decode)."""
     try:
         return decode_key(encoded)
     except ValueError:
