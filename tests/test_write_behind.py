@@ -82,6 +82,10 @@ def _assert_in_version_order(log: list[tuple[str, int, int]]) -> None:
         seen[key] = version
 
 
+def _consumers(client: redis.Redis, stream: bytes) -> list[bytes]:
+    return [c["name"] for c in client.xinfo_consumers(stream, "tiercache-flush")]
+
+
 def _ns(tag: str) -> str:
     return f"{tag}{os.getpid()}"
 
@@ -138,6 +142,27 @@ def test_batches_coalesce_to_the_last_version_in_order(
         }
         assert wb.stats()["coalesced"] == 13 and wb.pending() == 0
         wb.close()
+        stream = stream_key(cache._keys, 0)
+        assert redis_client.xinfo_consumers(stream, "tiercache-flush") == []  # record removed
+
+
+def test_records_of_stopped_flushers_are_removed(redis_client: redis.Redis) -> None:
+    with TieredCache(redis_client, namespace="wb7", heartbeat_interval=0) as cache:
+        stream = stream_key(cache._keys, 0)
+        redis_client.xgroup_create(stream, "tiercache-flush", id="0", mkstream=True)
+        redis_client.xgroup_createconsumer(stream, "tiercache-flush", "gone-flusher")
+        wb = WriteBehind(cache, lambda batch: None, lock_ttl=0.05, start=False)
+        wait_until(
+            lambda: (
+                wb.flush_once() == 0 and b"gone-flusher" not in _consumers(redis_client, stream)
+            ),
+            10.0,
+            message="an idle consumer record holding nothing is removed",
+        )
+        wb.set("k", 1)
+        assert wb.flush(10.0)
+        wb.close()
+        assert redis_client.xinfo_consumers(stream, "tiercache-flush") == []
 
 
 def test_coalesce_keeps_the_highest_version() -> None:

@@ -162,9 +162,10 @@ class FlushCommands:
         """Take or renew the flush lock (True: ours)."""
         return Call("wb_lock", (token, ttl_ms), (lock_key(self.keys, partition),), _is_one)
 
-    def unlock(self, partition: int, token: bytes) -> Call:
-        """Release the flush lock if it is still ours."""
-        return Call("release", (token,), (lock_key(self.keys, partition),))
+    def bye(self, partition: int, consumer: bytes) -> Call:
+        """Release the lock if ours; drop the consumer's record if it holds no entry."""
+        keys = (stream_key(self.keys, partition), lock_key(self.keys, partition))
+        return Call("wb_bye", (GROUP, consumer), keys, _is_one)
 
     def length(self, partition: int) -> Call:
         """How many writes of the partition are queued (taken or not)."""
@@ -401,12 +402,14 @@ class WriteBehind:
             if t is not None and t is not threading.current_thread():
                 t.join(timeout=max(5.0, self._lock_ms / 1000.0))
         with self._held_lock:
-            held, self._held = set(self._held), set()
-        for p in held:
+            self._held = set()
+        if self.writer is None:
+            return  # a producer never read: no lock, no consumer record
+        for p in range(self._keys.partitions):
             try:
-                self._driver.call(self._calls.unlock(p, self.consumer))
+                self._driver.call(self._calls.bye(p, self.consumer))
             except redis_lib.RedisError:
-                pass  # it expires by itself
+                pass  # the lock expires by itself; the record goes when another is idle
 
     def __enter__(self) -> WriteBehind:
         return self

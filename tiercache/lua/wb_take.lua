@@ -11,7 +11,8 @@
 --   3. if other pending entries remain (a flusher that may still be alive): nothing; wait
 --   4. new entries (XREADGROUP ">")
 --
--- Returns {"busy"} (another flusher holds the lock), {"wait"}, {"empty"}, or
+-- Returns {"busy"} (another flusher holds the lock), {"wait"}, {"empty"} (then the records of
+-- consumers that hold nothing and stayed idle past ARGV[6] are removed), or
 -- {"ok", source, entries, deliveries} with entries as XREADGROUP gives them ({id, fields}) and
 -- deliveries the matching delivery counts (each take counts one: the attempts so far).
 
@@ -82,6 +83,18 @@ if #entries == 0 then
   end
 end
 if #entries == 0 then
+  -- Idle: forget the consumers that hold nothing and were idle longer than the claim delay
+  -- (flushers that stopped; a live one is simply re-created by its next read).
+  for _, info in ipairs(redis.call("XINFO", "CONSUMERS", KEYS[1], ARGV[1])) do
+    local c = {}
+    for i = 1, #info, 2 do
+      c[info[i]] = info[i + 1]
+    end
+    if c["name"] ~= ARGV[2] and tonumber(c["pending"]) == 0
+        and tonumber(c["idle"]) > tonumber(ARGV[6]) then
+      redis.call("XGROUP", "DELCONSUMER", KEYS[1], ARGV[1], c["name"])
+    end
+  end
   return {"empty"}
 end
 
