@@ -29,7 +29,7 @@ from tests.wb_procs import SqliteOrigin, applied_log, connect, origin_rows
 from tiercache import CacheUnavailable, TieredCache, WriteBehind, WriteBehindItem, write_around
 from tiercache.envelope import unpack
 from tiercache.keys import encode_key
-from tiercache.writebehind import coalesce, stream_key
+from tiercache.writebehind import coalesce, mark_key, stream_key
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCS = str(ROOT / "tests" / "wb_procs.py")
@@ -144,6 +144,7 @@ def test_batches_coalesce_to_the_last_version_in_order(
         wb.close()
         stream = stream_key(cache._keys, 0)
         assert redis_client.xinfo_consumers(stream, "tiercache-flush") == []  # record removed
+        assert redis_client.exists(mark_key(cache._keys, 0)) == 0  # no high-water mark left
 
 
 def test_records_of_stopped_flushers_are_removed(redis_client: redis.Redis) -> None:
@@ -279,6 +280,7 @@ def test_sigkilled_flusher_is_taken_over(
         second = _result(spawn("flusher", {**opts, "batch_size": 50}))
         assert second["ok"] and second["claimed"] >= 100
         assert wb.pending() == 0
+        assert cache.redis.hlen(mark_key(cache._keys, 0)) == 0
         rows = origin_rows(db)
         assert {k: v for k, (v, _) in rows.items()} == last
         assert {k: ver for k, (_, ver) in rows.items()} == {
