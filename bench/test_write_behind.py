@@ -32,6 +32,7 @@ BENCH_ORDER = 45
 SECTION = "write-behind"
 QUICK = harness.QUICK
 N = 300 if QUICK else 3_000
+BLOCK = 100  # writes per timed block; the variants' blocks alternate
 REPS = 1 if QUICK else 3
 BATCH = 100
 VALUE = {"name": "user", "n": 1, "tags": ["a", "b"]}
@@ -111,8 +112,11 @@ def test_write_behind_throughput(tc: Any, server: Any, tmp_path: Any) -> None:
                 ("behind", lambda k: cache.set("b:" + k, VALUE, write_behind=True)),
                 ("origin", origin_then_cache),
             ]
-            for row, fn in variants[rep % 4 :] + variants[: rep % 4]:  # rotated each run
-                results[row].append(_timed(fn, keys))
+            for start in range(0, N, BLOCK):  # interleaved blocks, rotated order
+                block = keys[start : start + BLOCK]
+                turn = (start // BLOCK) % len(variants)
+                for row, fn in variants[turn:] + variants[:turn]:
+                    results[row].append(_timed(fn, block))
             queued = wb.pending()
             t0 = time.perf_counter()
             assert wb.flush(120.0)
@@ -124,6 +128,7 @@ def test_write_behind_throughput(tc: Any, server: Any, tmp_path: Any) -> None:
         db.close()
     for row, label in ROWS:
         rates = [r for r, _ in results[row]]
+        best = max(rates)
         lat = sorted(x for _, xs in results[row] for x in xs)
         report.record(
             SECTION,
@@ -131,6 +136,7 @@ def test_write_behind_throughput(tc: Any, server: Any, tmp_path: Any) -> None:
                 "row": row,
                 "label": label,
                 "rate": statistics.median(rates),
+                "best": best,
                 "p50": lat[len(lat) // 2] if lat else None,
                 "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
             },
@@ -140,24 +146,33 @@ def test_write_behind_throughput(tc: Any, server: Any, tmp_path: Any) -> None:
 def _render(rows: list[dict[str, Any]]) -> list[str]:
     by = {r["row"]: r for r in rows}
     out = [
-        f"{N} writes of distinct keys per run, median of {REPS} runs; one process, loopback "
-        "Redis, SQLite origin (WAL, synchronous=NORMAL).",
+        f"{REPS} runs of {N} writes of distinct keys per row, timed in blocks of {BLOCK} that "
+        "alternate between the rows; writes/s: median block and best block (the best is the "
+        "clean sample on a busy machine); one process, loopback Redis, SQLite origin (WAL, "
+        "synchronous=NORMAL). The flusher row: whole drains, median.",
         "",
-        "| write | writes/s | p50 µs | p99 µs | vs write-through to the origin |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| write | writes/s (median) | writes/s (best) | p50 µs | p99 µs "
+        "| best vs write-through to the origin |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    base = by.get("origin", {}).get("rate")
+    base = by.get("origin", {}).get("best")
     for row, _ in ROWS:
         r = by.get(row)
         if r is None:
             continue
         p50 = "-" if r["p50"] is None else f"{r['p50']:.0f}"
         p99 = "-" if r["p99"] is None else f"{r['p99']:.0f}"
-        ratio = f"{r['rate'] / base:.2f}x" if base else "-"
-        out.append(f"| {r['label']} | {r['rate']:,.0f} | {p50} | {p99} | {ratio} |")
+        ratio = f"{r['best'] / base:.2f}x" if base else "-"
+        out.append(
+            f"| {r['label']} | {r['rate']:,.0f} | {r['best']:,.0f} | {p50} | {p99} | {ratio} |"
+        )
     if "behind" in by and "through" in by:
-        cost = by["through"]["rate"] / by["behind"]["rate"]
-        out += ["", f"Queueing costs {cost:.2f}x a cache-only write-through (time per write)."]
+        cost = by["through"]["best"] / by["behind"]["best"]
+        out += [
+            "",
+            f"A write-behind write takes {cost:.2f}x the time of a cache-only write-through "
+            "(best blocks).",
+        ]
     return out
 
 
