@@ -227,6 +227,26 @@ def test_background_flusher_and_secret(redis_client: redis.Redis, tmp_path: Path
         }
 
 
+def test_partitions_each_have_their_stream(redis_client: redis.Redis) -> None:
+    applied: dict[Any, tuple[Any, int]] = {}
+
+    def writer(batch: list[WriteBehindItem]) -> None:
+        for item in batch:
+            assert item.version > applied.get(item.key, (None, 0))[1]
+            applied[item.key] = (item.value, item.version)
+
+    with TieredCache(redis_client, namespace="wb8", heartbeat_interval=0, partitions=4) as cache:
+        wb = WriteBehind(cache, writer, batch_size=7, start=False)
+        for n in range(120):
+            wb.set(n % 40, n)
+        streams = [stream_key(cache._keys, p) for p in range(4)]
+        assert sum(redis_client.xlen(s) for s in streams) == wb.pending() == 120
+        assert sum(1 for s in streams if redis_client.xlen(s)) > 1
+        assert wb.flush(20.0)
+        wb.close()
+    assert {k: v for k, (v, _) in applied.items()} == {k: 80 + k for k in range(40)}
+
+
 def test_a_failed_write_behind_always_raises(redis_server: RedisServer) -> None:
     with TieredCache(
         redis_server.url,
