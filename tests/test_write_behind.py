@@ -247,6 +247,34 @@ def test_partitions_each_have_their_stream(redis_client: redis.Redis) -> None:
     assert {k: v for k, (v, _) in applied.items()} == {k: 80 + k for k in range(40)}
 
 
+WRITE_BEHIND_COMMANDS = (
+    "evalsha script|load get mget set getrange scan unlink time xrevrange subscribe ping "
+    "client|setname hset pexpire hgetall incr xadd publish del pttl "  # the cache (docs/security)
+    "xgroup xreadgroup xautoclaim xpending xinfo xack xdel xrange xlen hget hdel exists"
+)
+
+
+def test_write_behind_under_a_least_privilege_acl_user(redis_server: RedisServer) -> None:
+    admin = redis_server.client()
+    rules = "on >pw resetkeys ~wbacl:* resetchannels &wbacl:* -@all"
+    admin.execute_command(
+        "ACL", "SETUSER", "app", *rules.split(), *(f"+{c}" for c in WRITE_BEHIND_COMMANDS.split())
+    )
+    admin.execute_command("ACL", "LOG", "RESET")
+    url = redis_server.url.replace("redis://", "redis://app:pw@", 1)
+    seen: list[WriteBehindItem] = []
+    with TieredCache(url, namespace="wbacl", heartbeat_interval=0) as cache:
+        wb = WriteBehind(cache, seen.extend, start=False)
+        wb.set("k", 1)
+        wb.delete("gone")
+        assert wb.flush(10.0) and wb.dead_letters() == [] and wb.stats()["pending"] == 0
+        wb.close()
+    assert [(i.key, i.deleted) for i in seen] == [("k", False), ("gone", True)]
+    denied = admin.execute_command("ACL", "LOG")
+    assert {e[b"object"] for e in denied} <= {b"config|get"}  # only the optional check
+    admin.close()
+
+
 def test_a_failed_write_behind_always_raises(redis_server: RedisServer) -> None:
     with TieredCache(
         redis_server.url,
