@@ -6,6 +6,7 @@ Commands:
 * ``tiercache server`` run the embedded development Redis (RedisBloom loaded when found)
 * ``tiercache stats``  the fleet of a namespace, from the heartbeats its processes publish
 * ``tiercache bench``  the benchmark suite (``pytest bench``) and its ratio tables
+* ``tiercache warm``   pre-load keys into Redis with a ``module:function`` loader (progress bar)
 
 The library itself never prints (it logs under ``tiercache.*``); this module is where output to
 the terminal happens. The optional extras it uses: ``cli`` (rich: live tables) and ``plot``
@@ -350,6 +351,99 @@ def _want_live(args: argparse.Namespace) -> bool:
     return True
 
 
+# -- tiercache warm ------------------------------------------------------------------------------
+
+
+def import_object(spec: str) -> Any:
+    """The object named by ``module:attribute`` (dotted attributes allowed)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected module:function, got {spec!r}")
+    import importlib
+
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _warm_keys(args: argparse.Namespace) -> list[Any]:
+    """The keys to warm: a file of lines (str keys; ``-``: stdin), or what a function returns."""
+    if args.keys_from:
+        return list(import_object(args.keys_from)())
+    text = sys.stdin.read() if args.keys == "-" else Path(args.keys).read_text("utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    import redis
+
+    from .tiered import TieredCache
+
+    sys.path.insert(0, os.getcwd())  # loaders of the project the command runs in
+    try:
+        loader = import_object(args.loader)
+        keys = _warm_keys(args)
+    except (ImportError, AttributeError, ValueError, OSError) as err:
+        print(f"tiercache warm: {err}", file=sys.stderr)
+        return 2
+    try:
+        cache = TieredCache(args.url, namespace=args.namespace, heartbeat_interval=0, ttl=args.ttl)
+    except (redis.RedisError, ValueError) as err:
+        print(f"tiercache warm: cannot use {_redact(args.url)}: {err}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    try:
+        if args.live or _want_live(args):
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            with Progress(
+                TextColumn("warming {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+            ) as bar:
+                task = bar.add_task(args.namespace, total=len(keys))
+                result = cache.warm(
+                    keys,
+                    loader,
+                    batch_size=args.batch_size,
+                    progress=lambda done, total: bar.update(task, completed=done),
+                )
+        else:
+            result = cache.warm(keys, loader, batch_size=args.batch_size)
+    except Exception as err:  # the user's loader, or Redis: say so, no traceback
+        print(f"tiercache warm: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        cache.close()
+    doc = {
+        "keys": result.total,
+        "loaded": result.loaded,
+        "present": result.present,
+        "busy": result.busy,
+        "absent": result.absent,
+        "overtaken": result.overtaken,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    if args.json:
+        _print(json.dumps(doc))
+    else:
+        _print(
+            f"warmed {args.namespace}: {doc['loaded']} loaded, {doc['present']} already "
+            f"present, {doc['busy']} being filled elsewhere, {doc['absent']} absent from the "
+            f"origin, {doc['overtaken']} overtaken by newer writes ({doc['keys']} keys, "
+            f"{doc['seconds']} s)"
+        )
+    return 0
+
+
 # -- tiercache bench -----------------------------------------------------------------------------
 
 
@@ -515,6 +609,29 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print the heartbeats as JSON, once")
     stats.add_argument("--plain", action="store_true", help="plain text even on a terminal")
     stats.set_defaults(func=cmd_stats)
+
+    warm = commands.add_parser(
+        "warm",
+        help="pre-load keys into Redis with a loader, with a progress bar",
+        description="Load the keys that are missing from Redis with LOADER (module:function, "
+        "called with a list of keys, returning a mapping of those it found) in batches, as "
+        "TieredCache.warm does: each key's fill lease is taken first, so a key written while "
+        "the loader runs keeps the newer value. Keys come from a file (one str key per line; "
+        "- for stdin) or from a function (--keys-from module:function).",
+    )
+    warm.add_argument("--url", default="redis://127.0.0.1:6379/0", help="Redis URL")
+    warm.add_argument("--namespace", default="tc", help="the cache's namespace (default tc)")
+    warm.add_argument("--loader", required=True, help="module:function, loader_many(keys)")
+    source = warm.add_mutually_exclusive_group(required=True)
+    source.add_argument("--keys", help="file of keys, one per line (- for stdin)")
+    source.add_argument("--keys-from", help="module:function returning the keys")
+    warm.add_argument("--batch-size", type=int, default=500, help="keys per batch (500)")
+    warm.add_argument("--ttl", type=float, default=None, help="TTL of the stored values (s)")
+    warm.add_argument("--json", action="store_true", help="print the result as JSON")
+    bar = warm.add_mutually_exclusive_group()
+    bar.add_argument("--live", action="store_true", help="the progress bar even without a terminal")
+    bar.add_argument("--plain", action="store_true", help="no progress bar even on a terminal")
+    warm.set_defaults(func=cmd_warm)
 
     bench = commands.add_parser(
         "bench",

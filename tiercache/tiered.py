@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from typing import Any, NamedTuple, Protocol
 
 import redis as redis_lib
 
+from . import checks, writebehind
 from . import server as server_mod
 from ._sentinel import MISSING
 from .codec import Codec, compress, decompress, resolve_codec
@@ -69,6 +71,7 @@ from .protocol import (
 )
 from .signing import SIGNATURE_SIZE, Secret, Signer
 from .stampede import Refresher, SingleFlight
+from .warm import Progress, WarmResult, warm
 
 log = logging.getLogger("tiercache")
 
@@ -403,6 +406,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         else:
             client = redis
         self._driver = SyncDriver(client, self._keys, log_maxlen=log_maxlen)
+        if self._server is None:  # (the embedded development server is not checked)
+            checks.check_server(client, entries_expire=ttl is not None)
         self._bloom = bloom.open(self._driver) if bloom is not None else None
         self._fresh_local_tier()
         _live_caches[id(self)] = self
@@ -1216,8 +1221,13 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def __setitem__(self, key: Hashable, value: Any) -> None:
         self.set(key, value)
 
-    def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here."""
+    def set(
+        self, key: Hashable, value: Any, ttl: float | None = None, *, write_behind: bool = False
+    ) -> None:
+        """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here.
+
+        ``write_behind``: also queue the write for the origin, atomically (tiercache.writebehind).
+        """
         if ttl is not None and not ttl > 0:
             raise ValueError("ttl must be > 0 or None")
         encoded = encode_key(key)
@@ -1233,7 +1243,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             except redis_lib.RedisError as err:
                 raise CacheUnavailable(f"Redis write of {key!r} failed: {err}") from err
         ticket = self._guard.ticket()
-        applied = self._write(key, encoded, slot, OP_SET, env)
+        applied = self._write(key, encoded, slot, OP_SET, env, behind=write_behind)
         if applied is None:
             return
         self._counters.add("writes")
@@ -1242,15 +1252,25 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             # Admitted like a read: a flush or a newer write since the write began wins.
             self._install(ticket, slot, applied.version, fresh, value)
 
-    def _write(self, key: Hashable, encoded: bytes, slot: _Slot, op: str, env: Envelope) -> Any:
+    def _write(
+        self,
+        key: Hashable,
+        encoded: bytes,
+        slot: _Slot,
+        op: str,
+        env: Envelope,
+        behind: bool = False,
+    ) -> Any:
         """Run the write script for ``op``; the local copy is dropped before, and after a failure.
 
         Returns the driver's result, or None when the failure is swallowed (on_write_error).
+        ``behind``: the write-behind script, which also queues the write for the origin.
         """
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
+        run = functools.partial(writebehind.write, self._driver) if behind else self._driver.write
         try:
             for _ in range(_WRITE_ATTEMPTS):
-                result = self._driver.write(
+                result = run(
                     encoded,
                     op,
                     env.version,
@@ -1273,7 +1293,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 self._guard.observe(slot.guard, env.version, applied=False)
                 slot.l1.pop(slot.key, None)
             self._counters.add("write_errors")
-            if self._on_write_error == "invalidate_local":
+            if self._on_write_error == "invalidate_local" and not behind:
                 self._warn(f"write of {key!r} failed, only invalidated locally: {err}")
                 return None
             raise CacheUnavailable(f"Redis write of {key!r} failed: {err}") from err
@@ -1289,7 +1309,31 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         """Remove ``key`` everywhere (Redis and every local tier); whether it was anywhere."""
         return self._delete(key)
 
-    def _delete(self, key: Hashable) -> bool:
+    def write_around(self, key: Hashable) -> bool:
+        """After the caller wrote ``key`` to the origin: drop it everywhere (versioned tombstone).
+
+        The next read of any process loads the origin's value; a fill that read the origin
+        before is discarded (the tombstone replaced its lease). Whether it was cached.
+        """
+        return self._delete(key)
+
+    def warm(
+        self,
+        keys: Iterable[Hashable],
+        loader_many: Callable[[list[Any]], Mapping[Any, Any]],
+        *,
+        batch_size: int = 500,
+        progress: Progress | None = None,
+        ttl: float | None = None,
+    ) -> WarmResult:
+        """Pre-load the missing ``keys`` into Redis in batches, never over a newer value.
+
+        ``loader_many(keys)`` returns a mapping; ``progress(done, total)`` follows each batch
+        (total None for an iterator). See tiercache.warm.
+        """
+        return warm(self, keys, loader_many, batch_size=batch_size, progress=progress, ttl=ttl)
+
+    def _delete(self, key: Hashable, behind: bool = False) -> bool:
         encoded = encode_key(key)
         slot = self._slot(key, encoded)
         local = slot.l1.peek(slot.key, _NOT_LOCAL)
@@ -1297,7 +1341,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         version = self._clock.next(after=self._guard.newest(slot.guard))
         env = self._envelope(b"", self._tombstone_ttl, version, 0.0, flags=FLAG_TOMBSTONE)
         self._ensure_listener()
-        result = self._write(key, encoded, slot, OP_DELETE, env)
+        result = self._write(key, encoded, slot, OP_DELETE, env, behind=behind)
         if result is None:
             return True  # Redis failed and the failure was swallowed: it may have been there
         self._counters.add("deletes")
