@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, Protocol
 import redis as redis_lib
 
 from . import server as server_mod
+from . import tags as tagmod
 from ._sentinel import MISSING
 from .codec import Codec, compress, decompress, resolve_codec
 from .driver import LeaseResult, SyncDriver, make_client
@@ -44,6 +45,7 @@ from .envelope import (
     COMPRESSION_MASK,
     COMPRESSION_SHIFT,
     FLAG_ABSENT,
+    FLAG_EXT,
     FLAG_NOT_A_VALUE,
     FLAG_TOMBSTONE,
     FORMAT,
@@ -60,7 +62,9 @@ from .protocol import (
     OP_CLEAR,
     OP_CLEAR_PREFIX,
     OP_DELETE,
+    OP_NAMESPACE,
     OP_SET,
+    OP_TAG,
     FillGuard,
     Invalidation,
     VersionClock,
@@ -69,6 +73,7 @@ from .protocol import (
 )
 from .signing import SIGNATURE_SIZE, Secret, Signer
 from .stampede import Refresher, SingleFlight
+from .tags import Ext, Policy, TagsArg, TagState, TtlArg
 
 log = logging.getLogger("tiercache")
 
@@ -82,8 +87,9 @@ _INFLATION = 32  # a compressed payload may decode to at most this many times ma
 _REJECTED: Any = object()  # what _decode says of bytes that do not verify or parse
 _XFETCH_HORIZON = math.log(1000.0)  # beyond this many beta*delta an early refresh is < 0.1%
 
-# What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value).
-_Hit = tuple[int, int, float, float, float, Any]
+# What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value, ext).
+_Hit = tuple[int, int, float, float, float, Any, Ext | None]
+_TAG_MARGIN_US = 2000  # a load's start, for tags, is taken this much early (clock error margin)
 
 
 class _Slot(NamedTuple):
@@ -102,7 +108,8 @@ class _PendingLoad(NamedTuple):
     lease: LeaseResult | None
     ticket: int
     started: float
-    ttl: float | None
+    ttl: Any  # seconds, None, a callable or a tags.Policy
+    since_us: int = 0  # the version clock when the load began (tags: see tag_fill.lua)
 
 
 # A decorated function's calls are keys ``(CALL_MARK, qualified name, ...)``; they live in the
@@ -243,6 +250,7 @@ class _Counters:
         "lease_timeouts",
         "read_errors",
         "write_errors",
+        "slides",
     )
 
     def __init__(self) -> None:
@@ -283,7 +291,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         local_policy: str = "lru",
         local_ttl: float = 60.0,
         local_maxbytes: int | None = None,
-        ttl: float | None = None,
+        ttl: TtlArg = None,
         loader: Callable[[Any], Any] | None = None,
         serializer: str | Codec | None = None,
         secret: Secret | None = None,
@@ -313,13 +321,18 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         partitions: int = 1,
         max_key_bytes: int = MAX_KEY_BYTES,
         timer: Callable[[], float] | None = None,
+        tags: TagsArg = None,
+        sliding: bool = False,
+        sliding_interval: float | None = None,
     ) -> None:
         if not local_ttl > 0 or math.isinf(local_ttl):
             raise ValueError("local_ttl must be a finite number of seconds > 0")
         if stale_if_error < 0:
             raise ValueError("stale_if_error must be >= 0")
-        if ttl is not None and not ttl > 0:
-            raise ValueError("ttl must be > 0 or None")
+        if ttl is not None and not callable(ttl) and not ttl > 0:
+            raise ValueError("ttl must be > 0, None or a callable(key, value)")
+        if sliding_interval is not None and not sliding_interval > 0:
+            raise ValueError("sliding_interval must be > 0 or None")
         if on_write_error not in ("raise", "invalidate_local"):
             raise ValueError("on_write_error must be 'raise' or 'invalidate_local'")
         if not negative_ttl > 0 or stale_ttl < 0 or not 0 <= ttl_jitter < 1 or xfetch_beta < 0:
@@ -340,6 +353,13 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._compress_over = compress_over
         self._loader = loader
         self._ttl = ttl
+        self._default_tags = tags
+        self._sliding = sliding
+        self._sliding_interval = sliding_interval
+        self._tags = TagState()
+        self._touched: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._touch_lock = threading.Lock()
+        self._gen_lock = threading.Lock()
         self._local_ttl = local_ttl
         self._stale_if_error = stale_if_error
         self._lease_ms = int(lease_ttl * 1000)
@@ -401,6 +421,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         else:
             client = redis
         self._driver = SyncDriver(client, self._keys, log_maxlen=log_maxlen)
+        tagmod.install_scripts(self._driver.commands)
         self._bloom = bloom.open(self._driver) if bloom is not None else None
         self._fresh_local_tier()
         _live_caches[id(self)] = self
@@ -464,6 +485,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             self._clock.calibrate(*self._driver.server_time())
         except redis_lib.RedisError:
             pass  # versions stay monotone without it; the next recovery tries again
+        try:  # a bump may have been missed, or the generation lost with the data: Redis says
+            self._reload_generation(force=True)
+        except redis_lib.RedisError:
+            pass  # reads and writes check it themselves until the channel is whole
         if recovered:
             self._counters.add("resyncs")
             self._hook(self._on_resync, "resynced")
@@ -490,6 +515,12 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return
         if msg.op == OP_CLEAR_PREFIX:
             self._forget_prefix(msg.key)
+            return
+        if msg.op == OP_TAG:
+            self._tag_invalidated(msg.key, msg.version if plausible else None)
+            return
+        if msg.op == OP_NAMESPACE:
+            self._generation_seen(msg.version if plausible else None)
             return
         slot = self._slot(None, msg.key)
         with self._guard.lock:
@@ -545,6 +576,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _forget_local(self) -> None:
         with self._guard.lock:
             self._guard.forget_all()
+            self._tags.forget_all()
             self._l1.clear()
             for sub in list(self._subtiers.values()):
                 sub.local.clear()
@@ -620,7 +652,13 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         return default if value is MISSING else value
 
     def get_or_load(
-        self, key: Hashable, loader: Callable[[Any], Any], ttl: float | None = None
+        self,
+        key: Hashable,
+        loader: Callable[[Any], Any],
+        ttl: TtlArg = None,
+        *,
+        tags: TagsArg = None,
+        sliding: bool | None = None,
     ) -> Any:
         """The value of ``key``; on a miss, ``loader(key)`` once across processes, then stored.
 
@@ -628,10 +666,14 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         processes (the fill lease); the others wait for its value, at most ``lease_ttl``. A loader
         that returns ``MISSING`` or raises ``KeyError`` makes this raise ``KeyError``, and the
         absence is cached for ``negative_ttl``; other exceptions propagate and are not cached.
+        ``ttl``, ``tags`` and ``sliding`` are as for ``set`` (a callable gets the loaded value).
         """
         value = self._local_value(key)
         if value is _NOT_LOCAL:
-            value = self._read(key, loader, self._ttl if ttl is None else ttl)
+            policy: Any = self._ttl if ttl is None else ttl
+            if tags is not None or sliding is not None:
+                policy = Policy(policy, tags, sliding)
+            value = self._read(key, loader, policy)
         if value is MISSING:
             raise KeyError(key)
         return value
@@ -648,8 +690,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _read(self, key: Hashable, loader: Callable[[Any], Any] | None, ttl: float | None) -> Any:
         """The value of ``key`` from the first tier that has it; ``MISSING`` if none has it."""
         encoded = encode_key(key)
-        slot = self._slot(key, encoded)
         self._ensure_listener()
+        if not self._local_usable:
+            self._check_generation()
+        slot = self._slot(key, encoded)
         if self._local_usable:
             e = slot.l1.entry(slot.key)
             if e is not None and e.fresh_until > slot.l1.timer():
@@ -699,7 +743,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         ttl: float | None,
     ) -> Any:
         """Return a value read from Redis; refresh it early or in the background when due."""
-        version, _, _, fresh_until, load_ms, value = hit
+        version, _, _, fresh_until, load_ms, value, ext = hit
         now = self._clock.now_us() / 1e6
         if fresh_until and now >= fresh_until:
             # Stale, within its stale_ttl: served at once while one refresh runs (SWR).
@@ -720,8 +764,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         fresh = self._local_ttl
         if fresh_until:
             fresh = min(fresh, fresh_until - now - horizon)
+        if ext is not None and ext.sliding_ms:  # reads reach Redis (and extend) once per interval
+            fresh = min(fresh, self._slide_interval(ext))
         if fresh > 0:
-            self._install(ticket, slot, version, fresh, value)
+            self._install(ticket, slot, version, fresh, value, ext)
         return value
 
     def _read_failed(
@@ -783,10 +829,18 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 if _key_in_block(payload) != encoded:
                     raise ValueError("the key inside the payload is another key")
                 payload = payload[4 + len(encoded) :]
+            ext = None
+            if flags & FLAG_EXT:
+                ext, payload = tagmod.split_ext(payload, self._keys.partition(encoded))
             if expires_at and expires_at <= self._clock.now_us() / 1e6:
                 return None
+            if ext is not None:
+                if ext.tags and not self._tags_valid(version, ext):
+                    return None  # invalidated by one of its tags
+                if ext.sliding_ms:
+                    self._slide(encoded, version, ext)
             if flags & FLAG_ABSENT:
-                return version, flags, expires_at, fresh_until, load_ms, MISSING
+                return version, flags, expires_at, fresh_until, load_ms, MISSING, ext
             if codec != self._codec.id:
                 # Only this cache's own codec may read a payload: a pickle payload planted in
                 # Redis must never reach pickle.loads.
@@ -801,7 +855,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             self._counters.add("rejected_payloads")
             self._warn(f"rejected the payload of {encoded[:60]!r}: {err}")
             return _REJECTED  # type: ignore[no-any-return]
-        return version, flags, expires_at, fresh_until, load_ms, value
+        return version, flags, expires_at, fresh_until, load_ms, value, ext
 
     def _payload(self, value: Any) -> tuple[bytes, int]:
         """(payload, flags) of a value: encoded, compressed when large; ValueError if too big."""
@@ -839,7 +893,15 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return "-"
         return self._signer.sign_message(encoded, version, op, self._origin)
 
-    def _install(self, ticket: int, slot: _Slot, version: int, fresh: float, value: Any) -> None:
+    def _install(
+        self,
+        ticket: int,
+        slot: _Slot,
+        version: int,
+        fresh: float,
+        value: Any,
+        ext: Ext | None = None,
+    ) -> None:
         """Install a value read under ``ticket`` locally, unless it could bring back old data."""
         if not self._local_usable:
             # Not serving locally now, but a copy older than what was just read must not be
@@ -851,12 +913,24 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return
         with self._guard.lock:
             current = slot.l1.entry(slot.key)
-            if current is not None and current.version >= version:
+            # The same version no longer fresh (a sliding value read again) is renewed.
+            if current is not None and (
+                current.version > version
+                or (current.version == version and current.fresh_until > slot.l1.timer())
+            ):
                 return
             if not self._guard.admit(ticket, slot.guard, version):
                 self._counters.add("local_fills_rejected")
                 return
+            tags = ext.tags if ext is not None else ()
+            if tags and not self._tags.admit(ext.partition, tags, version):  # type: ignore[union-attr]
+                self._counters.add("local_fills_rejected")  # a tag invalidated since (or unknown)
+                return
             self._put_local(slot, value, version, fresh)
+            if tags:
+                self._tags.index(slot.guard, slot.l1, slot.key, version, ext.partition, tags)  # type: ignore[union-attr]
+            else:
+                self._tags.unindex(slot.guard)
 
     def _put_local(self, slot: _Slot, value: Any, version: int, fresh: float) -> None:
         """Store a local copy fresh for ``fresh`` seconds (caller holds the guard's lock)."""
@@ -897,6 +971,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         ``rejected``: bytes of this key that did not verify or parse; the lease replaces them.
         """
         ticket = self._guard.ticket()  # before the lease script reads Redis, as in _read
+        since_us = self._clock.now_us() - _TAG_MARGIN_US
         lease = self._acquire_lease(encoded, rejected)
         if lease is not None and lease.kind == "v":
             hit = self._decode(lease.envelope or b"", encoded)
@@ -908,7 +983,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             lease = None  # still unreadable (rewritten meanwhile): load, without storing
         ours = lease if lease is not None and lease.kind == "l" else None
         self._counters.add("loads")
-        return _PendingLoad(encoded, slot, ours, ticket, time.monotonic(), ttl)
+        return _PendingLoad(encoded, slot, ours, ticket, time.monotonic(), ttl, since_us)
 
     def _finish_load(self, pending: _PendingLoad, value: Any) -> Any:
         """After the loader returned ``value``: store it if our lease still stands; return it."""
@@ -923,8 +998,18 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._filter_learns(pending.encoded, value)
         load_ms = (time.monotonic() - pending.started) * 1000.0
         self._load_times.add(load_ms)
-        env = self._value_envelope(payload, flags, pending.ttl, lease.version, load_ms)
-        self._fill(pending.encoded, pending.slot, lease.envelope, pending.ticket, env, value)
+        env = self._value_envelope(
+            payload, flags, pending.ttl, lease.version, load_ms, pending.encoded, value
+        )
+        self._fill(
+            pending.encoded,
+            pending.slot,
+            lease.envelope,
+            pending.ticket,
+            env,
+            value,
+            pending.since_us,
+        )
         return value
 
     def _filter_learns(self, encoded: bytes, value: Any) -> None:
@@ -977,21 +1062,85 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             delay = min(delay * 1.5, _POLL_MAX)
 
     def _value_envelope(
-        self, payload: bytes, flags: int, ttl: float | None, after: int, load_ms: float
+        self,
+        payload: bytes,
+        flags: int,
+        ttl: Any,
+        after: int,
+        load_ms: float,
+        encoded: bytes = b"",
+        value: Any = MISSING,
     ) -> Envelope:
-        """The envelope to store for a loaded value, or for a loaded absence (FLAG_ABSENT)."""
+        """The envelope to store for a loaded value, or for a loaded absence (FLAG_ABSENT).
+
+        ``ttl``: seconds, None, a callable(key, value) or a tags.Policy (with tags, sliding).
+        """
         version = self._clock.next(after=after)
+        return self._tagged_envelope(payload, flags, ttl, version, load_ms, encoded, value)
+
+    def _tagged_envelope(
+        self,
+        payload: bytes,
+        flags: int,
+        ttl: Any,
+        version: int,
+        load_ms: float,
+        encoded: bytes,
+        value: Any,
+    ) -> Envelope:
+        """An envelope with the TTL, tags and sliding TTL that ``ttl`` resolves to."""
+        seconds, tags, sliding = self._resolve(ttl, encoded, value)
         if flags & FLAG_ABSENT:
-            ttl = self._negative_ttl
-        return self._envelope(payload, ttl, version, load_ms, flags)
+            seconds, sliding = self._negative_ttl, False
+        env = self._envelope(payload, None if sliding else seconds, version, load_ms, flags)
+        if not tags and not sliding:
+            return env
+        ext = Ext(tags, int(seconds * 1000) if sliding and seconds else 0)
+        return dataclasses.replace(
+            env, payload=tagmod.pack_ext(ext) + env.payload, flags=env.flags | FLAG_EXT
+        )
+
+    def _resolve(
+        self, ttl: Any, encoded: bytes, value: Any
+    ) -> tuple[float | None, tuple[str, ...], bool]:
+        """(TTL in seconds, tags, sliding) of a value, from a per-call setting and the defaults."""
+        tags: Any = self._default_tags
+        sliding: Any = self._sliding
+        if isinstance(ttl, Policy):
+            tags = tags if ttl.tags is None else ttl.tags
+            sliding = sliding if ttl.sliding is None else ttl.sliding
+            ttl = self._ttl if ttl.ttl is None else ttl.ttl
+        if callable(ttl) or callable(tags):
+            key = _user_key(encoded)
+            if callable(ttl):
+                ttl = None if value is MISSING else ttl(key, value)
+                if ttl is not None and not ttl > 0:
+                    raise ValueError(f"the ttl callable returned {ttl!r}: it must be > 0 or None")
+            if callable(tags):
+                tags = None if value is MISSING else tags(key, value)
+        checked = tagmod.check_tags(tags) if tags else ()
+        return ttl, checked, bool(sliding and ttl)
+
+    def _ext_of(self, env: Envelope, encoded: bytes) -> Ext | None:
+        """The tags / sliding block of an envelope to store, or None."""
+        if not env.flags & FLAG_EXT:
+            return None
+        return tagmod.split_ext(env.payload, self._keys.partition(encoded))[0]
 
     def _fill(
-        self, encoded: bytes, slot: _Slot, lease: bytes, ticket: int, env: Envelope, value: Any
+        self,
+        encoded: bytes,
+        slot: _Slot,
+        lease: bytes,
+        ticket: int,
+        env: Envelope,
+        value: Any,
+        since_us: int = 0,
     ) -> None:
+        ext = self._ext_of(env, encoded)
         try:
-            stored = self._driver.fill(
-                encoded, lease, self._pack(env, encoded), self._redis_ttl_ms(env)
-            )
+            call = self._fill_call(encoded, lease, env, ext, since_us)
+            stored = self._driver.call(call)
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"fill of {encoded[:60]!r} failed: {err}")
@@ -999,7 +1148,20 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if not stored:
             self._counters.add("stale_fills_rejected")
             return
-        self._install(ticket, slot, env.version, self._local_fresh(env), value)
+        self._slid(encoded, ext)
+        self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
+
+    def _fill_call(
+        self, encoded: bytes, lease: bytes, env: Envelope, ext: Ext | None, since_us: int
+    ) -> Any:
+        """The fill of ``env`` under ``lease`` (guarded by its tags, if any)."""
+        ttl_ms = self._redis_ttl_ms(env)
+        cmds = self._driver.commands
+        call = cmds.fill(encoded, lease, self._pack(env, encoded), ttl_ms)
+        if ext is not None and ext.tags:
+            tkeys = tagmod.tag_keys(cmds, ext)
+            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, since_us)
+        return call
 
     def _release(self, encoded: bytes, lease: bytes) -> None:
         try:
@@ -1035,16 +1197,23 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if not self._driver.mark_refresh(encoded, token, self._lease_ms):
             return  # another process refreshes it (the XFetch "refreshing" marker)
         ticket = self._guard.ticket()
+        since_us = self._clock.now_us() - _TAG_MARGIN_US
         started = time.monotonic()
         self._counters.add("loads")
         value = _absent_to_missing(loader, key)
         payload, flags = self._payload(value)
         load_ms = (time.monotonic() - started) * 1000.0
-        env = self._value_envelope(payload, flags, ttl, version, load_ms)
+        env = self._value_envelope(payload, flags, ttl, version, load_ms, encoded, value)
         packed = self._pack(env, encoded)
-        if self._driver.refresh(encoded, version, packed, self._redis_ttl_ms(env), token):
+        ttl_ms = self._redis_ttl_ms(env)
+        ext = self._ext_of(env, encoded)
+        call = self._driver.commands.refresh(encoded, version, packed, ttl_ms, token)
+        if ext is not None and ext.tags:
+            tkeys = tagmod.tag_keys(self._driver.commands, ext)
+            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, since_us)
+        if self._driver.call(call):
             self._counters.add("refreshes")
-            self._install(ticket, slot, env.version, self._local_fresh(env), value)
+            self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
         else:
             self._counters.add("stale_fills_rejected")  # a write or delete landed meanwhile
 
@@ -1056,6 +1225,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             if env.load_ms and self._beta > 0:  # reads in the XFetch window must reach Redis
                 horizon = self._beta * env.load_ms / 1000.0 * _XFETCH_HORIZON
             fresh = min(fresh, env.fresh_until - self._clock.now_us() / 1e6 - horizon)
+        if env.flags & FLAG_EXT:
+            ext = tagmod.split_ext(env.payload)[0]
+            if ext.sliding_ms:
+                fresh = min(fresh, self._slide_interval(ext))
         return fresh
 
     # -- batches ----------------------------------------------------------------------------
@@ -1083,6 +1256,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return found
         encoded = [encode_key(k) for k in missing]
         token = secrets.token_bytes(16)
+        since_us = self._clock.now_us() - _TAG_MARGIN_US
         try:
             leases: list[LeaseResult | None] = list(
                 self._driver.leases(encoded, token, self._lease_ms)
@@ -1113,10 +1287,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 continue
             payload, flags = self._payload(value)
             self._filter_learns(enc, value)
-            env = self._value_envelope(payload, flags, ttl, lease.version, load_ms)
+            env = self._value_envelope(payload, flags, ttl, lease.version, load_ms, enc, value)
             fills.append((key, enc, lease.envelope, env, value))
         if fills:
-            self._fill_many(fills, tickets)
+            self._fill_many(fills, tickets, since_us)
         return found
 
     def _read_many(
@@ -1137,6 +1311,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                     found[key] = value
                 continue
             pending.append((key, encoded, slot))
+        if pending and not self._local_usable:
+            self._check_generation()
         ticket = self._guard.ticket()
         tickets = {key: ticket for key, _, _ in pending}
         if not pending:
@@ -1162,39 +1338,61 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self,
         fills: list[tuple[Hashable, bytes, bytes, Envelope, Any]],
         tickets: dict[Hashable, int],
+        since_us: int = 0,
     ) -> None:
-        items = [
-            (e, lease, self._pack(env, e), self._redis_ttl_ms(env)) for _, e, lease, env, _ in fills
-        ]
+        exts = [self._ext_of(env, e) for _, e, _, env, _ in fills]
         try:
-            stored = self._driver.fills(items)
+            calls = [
+                self._fill_call(e, lease, env, ext, since_us)
+                for (_, e, lease, env, _), ext in zip(fills, exts, strict=True)
+            ]
+            stored = [r is True for r in self._driver.call_many(calls)]
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"batch fill failed: {err}")
             return
-        for (key, enc, _, env, value), ok in zip(fills, stored, strict=True):
+        for (key, enc, _, env, value), ext, ok in zip(fills, exts, stored, strict=True):
             if not ok:
                 self._counters.add("stale_fills_rejected")
                 continue
             slot = self._slot(key, enc)
-            self._install(tickets.get(key, -1), slot, env.version, self._local_fresh(env), value)
+            self._slid(enc, ext)
+            fresh = self._local_fresh(env)
+            self._install(tickets.get(key, -1), slot, env.version, fresh, value, ext)
 
     # -- writes ---------------------------------------------------------------------------------
 
     def __setitem__(self, key: Hashable, value: Any) -> None:
         self.set(key, value)
 
-    def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here."""
-        if ttl is not None and not ttl > 0:
-            raise ValueError("ttl must be > 0 or None")
+    def set(
+        self,
+        key: Hashable,
+        value: Any,
+        ttl: TtlArg = None,
+        *,
+        tags: TagsArg = None,
+        sliding: bool | None = None,
+    ) -> None:
+        """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here.
+
+        ``ttl`` may be a callable(key, value) returning seconds or None (adaptive TTL); ``tags``
+        names the groups ``invalidate_tag`` drops it with (or a callable(key, value) giving
+        them); ``sliding`` makes reads push its Redis TTL back (see tiercache.tags).
+        """
+        if ttl is not None and not callable(ttl) and not ttl > 0:
+            raise ValueError("ttl must be > 0, None or a callable(key, value)")
         encoded = encode_key(key)
         slot = self._slot(key, encoded)
         payload, flags = self._payload(value)  # a value that cannot be stored changes nothing
-        ttl = self._ttl if ttl is None else ttl
+        policy: Any = self._ttl if ttl is None else ttl
+        if tags is not None or sliding is not None:
+            policy = Policy(policy, tags, sliding)
         version = self._clock.next(after=self._guard.newest(slot.guard))
-        env = self._envelope(payload, ttl, version, 0.0, flags)
+        env = self._tagged_envelope(payload, flags, policy, version, 0.0, encoded, value)
         self._ensure_listener()
+        if not self._local_usable:
+            self._check_generation()
         if self._bloom is not None:  # before the value exists anywhere
             try:
                 self._bloom.register(encoded)
@@ -1205,10 +1403,12 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if applied is None:
             return
         self._counters.add("writes")
+        ext = self._ext_of(env, encoded)
+        self._slid(encoded, ext)
         fresh = self._local_fresh(env)
         if fresh > 0:
             # Admitted like a read: a flush or a newer write since the write began wins.
-            self._install(ticket, slot, applied.version, fresh, value)
+            self._install(ticket, slot, applied.version, fresh, value, ext)
 
     def _write(self, key: Hashable, encoded: bytes, slot: _Slot, op: str, env: Envelope) -> Any:
         """Run the write script for ``op``; the local copy is dropped before, and after a failure.
@@ -1216,9 +1416,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         Returns the driver's result, or None when the failure is swallowed (on_write_error).
         """
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
+        ext = self._ext_of(env, encoded)
         try:
             for _ in range(_WRITE_ATTEMPTS):
-                result = self._driver.write(
+                call = self._driver.commands.write(
                     encoded,
                     op,
                     env.version,
@@ -1228,6 +1429,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                     sig=self._sign_message(encoded, env.version, op),
                     ceiling=self._clock.now_us() + _MAX_CLOCK_LEAD_US,
                 )
+                if ext is not None and ext.tags:  # refused below the tags' versions: retried
+                    call = tagmod.tagged_write(call, tagmod.tag_keys(self._driver.commands, ext))
+                result = self._driver.call(call)
                 if result.applied:
                     break
                 self._clock.observe(result.version)
@@ -1265,6 +1469,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         version = self._clock.next(after=self._guard.newest(slot.guard))
         env = self._envelope(b"", self._tombstone_ttl, version, 0.0, flags=FLAG_TOMBSTONE)
         self._ensure_listener()
+        if not self._local_usable:
+            self._check_generation()
         result = self._write(key, encoded, slot, OP_DELETE, env)
         if result is None:
             return True  # Redis failed and the failure was swallowed: it may have been there
@@ -1285,6 +1491,182 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             raise CacheUnavailable(f"Redis clear failed: {err}") from err
         finally:
             self._forget_local()  # what a reader of this process installed meanwhile, too
+
+    # -- tags, namespace generations, sliding TTL (tiercache.tags) ---------------------------
+
+    def invalidate_tag(self, tag: str) -> None:
+        """Invalidate every value stored with ``tag``, in Redis and in every process' local tier.
+
+        O(partitions) whatever the number of keys: the tag's version is raised above every
+        version written with it, and a write that lands afterwards is numbered above it.
+        """
+        (tag,) = tagmod.check_tags((tag,))
+        self._ensure_listener()
+        floor = 0
+        try:
+            for partition in range(self._keys.partitions):
+                for _ in range(_WRITE_ATTEMPTS + 2):
+                    version = self._clock.next(after=floor)
+                    key = tagmod.tag_message_key(partition, tag)
+                    sig = self._sign_message(key, version, OP_TAG)
+                    call = tagmod.bump_tag(
+                        self._driver.commands,
+                        partition,
+                        tag,
+                        version,
+                        self._origin,
+                        sig,
+                        max(self._lease_ms * 2, 60_000),
+                    )
+                    result = self._driver.call(call)
+                    if result.applied:
+                        break
+                    floor = result.version
+                    self._clock.observe(floor)
+                else:
+                    raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
+                self._tag_invalidated(key, version)  # here at once, before the echo arrives
+        except redis_lib.RedisError as err:
+            with self._guard.lock:  # the outcome is unknown: no local copy with the tag stays
+                for partition in range(self._keys.partitions):
+                    for l1, lkey in self._tags.bump(partition, tag, None):
+                        l1.pop(lkey, None)
+            raise CacheUnavailable(f"Redis tag invalidation of {tag!r} failed: {err}") from err
+
+    def _tag_invalidated(self, key: bytes, version: int | None) -> None:
+        """A tag was invalidated at ``version`` (None: not believed): drop its local copies."""
+        try:
+            partition, tag = tagmod.parse_tag_message_key(key)
+        except ValueError:
+            return
+        with self._guard.lock:
+            for l1, lkey in self._tags.bump(partition, tag, version):
+                l1.pop(lkey, None)
+
+    def _tags_valid(self, version: int, ext: Ext) -> bool:
+        """Whether a value of ``version`` read from Redis is still valid for all its tags."""
+        trusted = self._local_usable  # tag versions known here are kept current by the channel
+        gen = self._tags.gen
+        unknown = []
+        for tag in ext.tags:
+            known = self._tags.known(ext.partition, tag) if trusted else None
+            if known is None:
+                unknown.append(tag)
+            elif known >= version:
+                return False
+        if not unknown:
+            return True
+        cmds = self._driver.commands
+        try:
+            replies = self._driver.call_many(
+                [tagmod.tag_version(cmds, ext.partition, t) for t in unknown]
+            )
+        except redis_lib.RedisError:
+            return False
+        valid = True
+        for tag, inv in zip(unknown, replies, strict=True):
+            if inv is None or isinstance(inv, Exception):
+                return False  # the tag key is lost: the value cannot be vouched for
+            if trusted:
+                with self._guard.lock:
+                    self._tags.learn(ext.partition, tag, inv, gen)
+            if inv >= version:
+                valid = False
+        return valid
+
+    def bump_namespace(self) -> int:
+        """Invalidate the whole namespace in O(1): a new generation, in every key's name.
+
+        Every process moves to it (its invalidation message, or a read of the generation on a
+        resync); the entries of older generations are never read again and expire by TTL.
+        Returns the new generation.
+        """
+        self._ensure_listener()
+        floor = self._keys.generation
+        try:
+            for _ in range(_WRITE_ATTEMPTS + 2):
+                generation = self._clock.next(after=floor)
+                sig = self._sign_message(b"%d" % generation, generation, OP_NAMESPACE)
+                call = tagmod.bump_generation(self._driver.commands, generation, self._origin, sig)
+                result = self._driver.call(call)
+                if result.applied:
+                    break
+                floor = result.version
+                self._clock.observe(floor)
+            else:
+                raise redis_lib.ResponseError("concurrent bumps kept overtaking this one")
+        except redis_lib.RedisError as err:
+            self._forget_local()
+            raise CacheUnavailable(f"Redis namespace bump failed: {err}") from err
+        self._adopt_generation(generation)
+        return generation
+
+    @property
+    def generation(self) -> int:
+        """The namespace generation this process uses (0: never bumped)."""
+        return self._keys.generation
+
+    def _generation_seen(self, generation: int | None) -> None:
+        """An N message: move to ``generation`` (None: not believed, ask Redis)."""
+        if generation is not None:
+            self._adopt_generation(generation)
+            return
+        self._forget_local()
+        self._refresher.submit(("generation",), self._check_generation)
+
+    def _check_generation(self) -> None:
+        """Read the generation from Redis (while the channel is not whole, or when in doubt)."""
+        try:
+            self._reload_generation(force=False)
+        except redis_lib.RedisError as err:
+            raise CacheUnavailable(f"Redis read failed: {err}") from err
+
+    def _reload_generation(self, force: bool) -> None:
+        generation = self._driver.call(tagmod.generation(self._driver.commands))
+        self._adopt_generation(generation, force)
+
+    def _adopt_generation(self, generation: int, force: bool = False) -> None:
+        """Use ``generation`` from now on (only a newer one unless ``force``: after data loss)."""
+        with self._gen_lock:
+            current = self._keys.generation
+            if generation == current or (generation < current and not force):
+                return
+            keys = self._keys.with_generation(generation)
+            self._keys = keys
+            self._driver.keys = keys
+            self._driver.commands.keys = keys
+        self._forget_local()
+
+    def _slide_interval(self, ext: Ext) -> float:
+        """How often (seconds) a sliding value's TTL is extended by this process, at most."""
+        full = ext.sliding_ms / 1000.0
+        interval = self._sliding_interval
+        return full / 4.0 if interval is None else min(interval, full)
+
+    def _slid(self, encoded: bytes, ext: Ext | None) -> None:
+        """Note that ``encoded``'s TTL was just set in full (a write or fill)."""
+        if ext is not None and ext.sliding_ms:
+            with self._touch_lock:
+                self._touched[encoded] = self._l1.timer()
+                self._touched.move_to_end(encoded)
+
+    def _slide(self, encoded: bytes, version: int, ext: Ext) -> None:
+        """A read of a sliding value: extend its Redis TTL, unless done within the interval."""
+        now = self._l1.timer()
+        with self._touch_lock:
+            last = self._touched.get(encoded)
+            if last is not None and now - last < self._slide_interval(ext):
+                return
+            self._touched[encoded] = now
+            self._touched.move_to_end(encoded)
+            if len(self._touched) > 65_536:
+                self._touched.popitem(last=False)
+        call = tagmod.touch(self._driver.commands, self._keys.value(encoded), ext, version)
+        try:
+            if self._driver.call(call):
+                self._counters.add("slides")
+        except redis_lib.RedisError:
+            pass  # the TTL runs on; the next read after the interval tries again
 
     # -- the namespace as a mapping ---------------------------------------------------------
 
@@ -1343,6 +1725,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         out["local_size"] = local["currsize"]
         out["local_evictions"] = local["evictions"]
         out["local_usable"] = self._local_usable
+        out["generation"] = self._keys.generation
         listener = self._listener
         out["invalidation_lag_ms"] = self._lags.percentiles()
         out["load_ms"] = self._load_times.percentiles()
@@ -1439,6 +1822,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _redis_ttl_ms(self, env: Envelope) -> int:
         """The Redis TTL in ms of an envelope (0: none)."""
         if not env.expires_at:
+            if env.flags & FLAG_EXT:  # a sliding TTL, if any, is in the tags block
+                return tagmod.split_ext(env.payload)[0].sliding_ms
             return 0
         return max(1, int((env.expires_at - self._clock.now_us() / 1e6) * 1000))
 
