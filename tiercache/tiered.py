@@ -1147,6 +1147,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return
         if not stored:
             self._counters.add("stale_fills_rejected")
+            if ext is not None and ext.tags:  # refused for a tag: our lease may still be there
+                self._release(encoded, lease)
             return
         self._slid(encoded, ext)
         self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
@@ -1418,7 +1420,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
         ext = self._ext_of(env, encoded)
         try:
-            for _ in range(_WRITE_ATTEMPTS):
+            for attempt in range(_WRITE_ATTEMPTS):
                 call = self._driver.commands.write(
                     encoded,
                     op,
@@ -1435,7 +1437,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 if result.applied:
                     break
                 self._clock.observe(result.version)
-                env = env.with_version(self._clock.next(after=result.version))
+                after = result.version
+                if ext is not None and ext.tags:  # get ahead of a stream of invalidations
+                    after += _TAG_MARGIN_US << (2 * attempt)
+                env = env.with_version(self._clock.next(after=after))
             else:
                 raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
         except redis_lib.RedisError as err:
@@ -1505,7 +1510,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         floor = 0
         try:
             for partition in range(self._keys.partitions):
-                for _ in range(_WRITE_ATTEMPTS + 2):
+                for attempt in range(_WRITE_ATTEMPTS + 2):
                     version = self._clock.next(after=floor)
                     key = tagmod.tag_message_key(partition, tag)
                     sig = self._sign_message(key, version, OP_TAG)
@@ -1521,8 +1526,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                     result = self._driver.call(call)
                     if result.applied:
                         break
-                    floor = result.version
-                    self._clock.observe(floor)
+                    self._clock.observe(result.version)
+                    floor = result.version + (_TAG_MARGIN_US << (2 * attempt))
                 else:
                     raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
                 self._tag_invalidated(key, version)  # here at once, before the echo arrives
