@@ -90,6 +90,9 @@ _XFETCH_HORIZON = math.log(1000.0)  # beyond this many beta*delta an early refre
 # What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value, ext).
 _Hit = tuple[int, int, float, float, float, Any, Ext | None]
 _TAG_MARGIN_US = 2000  # a load's start, for tags, is taken this much early (clock error margin)
+# Tagged writes and tag invalidations that overtake each other retry this many more times, each
+# proposing further ahead (2 ms, 8 ms, ... 1 s): a stream of the other kind cannot starve them.
+_TAG_ATTEMPTS = 4
 
 
 class _Slot(NamedTuple):
@@ -1420,7 +1423,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
         ext = self._ext_of(env, encoded)
         try:
-            for attempt in range(_WRITE_ATTEMPTS):
+            for attempt in range(_WRITE_ATTEMPTS + (_TAG_ATTEMPTS if ext is not None else 0)):
                 call = self._driver.commands.write(
                     encoded,
                     op,
@@ -1439,7 +1442,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 self._clock.observe(result.version)
                 after = result.version
                 if ext is not None and ext.tags:  # get ahead of a stream of invalidations
-                    after += _TAG_MARGIN_US << (2 * attempt)
+                    after += min(_TAG_MARGIN_US << (2 * attempt), 1_000_000)
                 env = env.with_version(self._clock.next(after=after))
             else:
                 raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
@@ -1510,7 +1513,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         floor = 0
         try:
             for partition in range(self._keys.partitions):
-                for attempt in range(_WRITE_ATTEMPTS + 2):
+                for attempt in range(_WRITE_ATTEMPTS + _TAG_ATTEMPTS):
                     version = self._clock.next(after=floor)
                     key = tagmod.tag_message_key(partition, tag)
                     sig = self._sign_message(key, version, OP_TAG)
@@ -1527,7 +1530,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                     if result.applied:
                         break
                     self._clock.observe(result.version)
-                    floor = result.version + (_TAG_MARGIN_US << (2 * attempt))
+                    floor = result.version + min(_TAG_MARGIN_US << (2 * attempt), 1_000_000)
                 else:
                     raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
                 self._tag_invalidated(key, version)  # here at once, before the echo arrives
