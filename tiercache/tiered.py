@@ -363,6 +363,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._touched: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._touch_lock = threading.Lock()
         self._gen_lock = threading.Lock()
+        self._gen_check_failed = -1e9  # when a generation check last failed (monotonic)
         self._local_ttl = local_ttl
         self._stale_if_error = stale_if_error
         self._lease_ms = int(lease_ttl * 1000)
@@ -1623,11 +1624,17 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._refresher.submit(("generation",), self._check_generation)
 
     def _check_generation(self) -> None:
-        """Read the generation from Redis (while the channel is not whole, or when in doubt)."""
+        """Read the generation from Redis (while the channel is not whole, or when in doubt).
+
+        If Redis fails, the call that follows meets the failure on its own fault path; the
+        check is not retried for a second, so a Redis outage does not double every timeout.
+        """
+        if time.monotonic() - self._gen_check_failed < 1.0:
+            return
         try:
             self._reload_generation(force=False)
-        except redis_lib.RedisError as err:
-            raise CacheUnavailable(f"Redis read failed: {err}") from err
+        except redis_lib.RedisError:
+            self._gen_check_failed = time.monotonic()
 
     def _reload_generation(self, force: bool) -> None:
         generation = self._driver.call(tagmod.generation(self._driver.commands))
