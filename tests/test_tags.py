@@ -7,6 +7,7 @@ as separate processes would have (tests/test_tags_procs.py runs real OS processe
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -452,3 +453,26 @@ def test_adaptive_ttl_from_a_callable(make: Factory, redis_client: redis.Redis) 
         a.set("bad", 1, ttl=lambda k, v: 0)
     with pytest.raises(ValueError):
         a.set("bad", 1, ttl=-1)
+
+
+def _forked_child(cache: TieredCache, out: Any) -> None:
+    ready = cache.wait_ready(10.0)
+    before = cache.get("k")
+    cache.invalidate_tag("t")
+    out.put((ready, before, cache.get("k")))
+
+
+def test_tags_in_a_forked_child(make: Factory) -> None:
+    a = make(ttl=60)
+    a.set("k", 1, tags=("t",))
+    assert a.get("k") == 1
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_forked_child, args=(a, out))
+    child.start()
+    try:
+        assert out.get(timeout=30) == (True, 1, None)
+    finally:
+        child.join(10)
+    wait_until(lambda: a.local.entry("k") is None, 10)
+    assert a.get("k") is None

@@ -443,6 +443,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _fresh_local_tier(self) -> None:
         self._l1 = LocalCache(self._local_maxsize, **self._l1_args)
         self._guard = FillGuard()
+        self._tags = TagState()  # the tag versions known here, the local copies' tags
         self._front_init(self._l1)
 
     def _ensure_listener(self) -> None:
@@ -472,6 +473,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._clock = self._clock.copy()
         self._flights = SingleFlight()
         self._refresher = Refresher(self._refresh_workers, name=f"tiercache:{self.namespace}")
+        self._touch_lock = threading.Lock()
+        self._gen_lock = threading.Lock()
         self._fresh_local_tier()  # the parent's locks and flags may have been held mid-write
         for sub in list(self._subtiers.values()):
             sub._rebind_local()
