@@ -73,6 +73,7 @@ from .protocol import (
 )
 from .signing import SIGNATURE_SIZE, Secret, Signer
 from .stampede import Refresher, SingleFlight
+from .tagging import TAG_ATTEMPTS, TAG_MARGIN_US, TaggingMixin
 from .tags import Ext, Policy, TagsArg, TagState, TtlArg
 
 log = logging.getLogger("tiercache")
@@ -89,10 +90,6 @@ _XFETCH_HORIZON = math.log(1000.0)  # beyond this many beta*delta an early refre
 
 # What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value, ext).
 _Hit = tuple[int, int, float, float, float, Any, Ext | None]
-_TAG_MARGIN_US = 2000  # a load's start, for tags, is taken this much early (clock error margin)
-# Tagged writes and tag invalidations that overtake each other retry this many more times, each
-# proposing further ahead (2 ms, 8 ms, ... 1 s): a stream of the other kind cannot starve them.
-_TAG_ATTEMPTS = 4
 
 
 class _Slot(NamedTuple):
@@ -282,7 +279,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
+class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[misc]
     """A dict-like cache: a local tier per process in front of a shared Redis."""
 
     def __init__(
@@ -334,8 +331,6 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             raise ValueError("stale_if_error must be >= 0")
         if ttl is not None and not callable(ttl) and not ttl > 0:
             raise ValueError("ttl must be > 0, None or a callable(key, value)")
-        if sliding_interval is not None and not sliding_interval > 0:
-            raise ValueError("sliding_interval must be > 0 or None")
         if on_write_error not in ("raise", "invalidate_local"):
             raise ValueError("on_write_error must be 'raise' or 'invalidate_local'")
         if not negative_ttl > 0 or stale_ttl < 0 or not 0 <= ttl_jitter < 1 or xfetch_beta < 0:
@@ -356,14 +351,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._compress_over = compress_over
         self._loader = loader
         self._ttl = ttl
-        self._default_tags = tags
-        self._sliding = sliding
-        self._sliding_interval = sliding_interval
-        self._tags = TagState()
-        self._touched: collections.OrderedDict[bytes, float] = collections.OrderedDict()
-        self._touch_lock = threading.Lock()
-        self._gen_lock = threading.Lock()
-        self._gen_check_failed = -1e9  # when a generation check last failed (monotonic)
+        self._tagging_init(tags, sliding, sliding_interval)
         self._local_ttl = local_ttl
         self._stale_if_error = stale_if_error
         self._lease_ms = int(lease_ttl * 1000)
@@ -978,7 +966,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         ``rejected``: bytes of this key that did not verify or parse; the lease replaces them.
         """
         ticket = self._guard.ticket()  # before the lease script reads Redis, as in _read
-        since_us = self._clock.now_us() - _TAG_MARGIN_US
+        since_us = self._clock.now_us() - TAG_MARGIN_US
         lease = self._acquire_lease(encoded, rejected)
         if lease is not None and lease.kind == "v":
             hit = self._decode(lease.envelope or b"", encoded)
@@ -1085,55 +1073,6 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         version = self._clock.next(after=after)
         return self._tagged_envelope(payload, flags, ttl, version, load_ms, encoded, value)
 
-    def _tagged_envelope(
-        self,
-        payload: bytes,
-        flags: int,
-        ttl: Any,
-        version: int,
-        load_ms: float,
-        encoded: bytes,
-        value: Any,
-    ) -> Envelope:
-        """An envelope with the TTL, tags and sliding TTL that ``ttl`` resolves to."""
-        seconds, tags, sliding = self._resolve(ttl, encoded, value)
-        if flags & FLAG_ABSENT:
-            seconds, sliding = self._negative_ttl, False
-        env = self._envelope(payload, None if sliding else seconds, version, load_ms, flags)
-        if not tags and not sliding:
-            return env
-        ext = Ext(tags, int(seconds * 1000) if sliding and seconds else 0)
-        return dataclasses.replace(
-            env, payload=tagmod.pack_ext(ext) + env.payload, flags=env.flags | FLAG_EXT
-        )
-
-    def _resolve(
-        self, ttl: Any, encoded: bytes, value: Any
-    ) -> tuple[float | None, tuple[str, ...], bool]:
-        """(TTL in seconds, tags, sliding) of a value, from a per-call setting and the defaults."""
-        tags: Any = self._default_tags
-        sliding: Any = self._sliding
-        if isinstance(ttl, Policy):
-            tags = tags if ttl.tags is None else ttl.tags
-            sliding = sliding if ttl.sliding is None else ttl.sliding
-            ttl = self._ttl if ttl.ttl is None else ttl.ttl
-        if callable(ttl) or callable(tags):
-            key = _user_key(encoded)
-            if callable(ttl):
-                ttl = None if value is MISSING else ttl(key, value)
-                if ttl is not None and not ttl > 0:
-                    raise ValueError(f"the ttl callable returned {ttl!r}: it must be > 0 or None")
-            if callable(tags):
-                tags = None if value is MISSING else tags(key, value)
-        checked = tagmod.check_tags(tags) if tags else ()
-        return ttl, checked, bool(sliding and ttl)
-
-    def _ext_of(self, env: Envelope, encoded: bytes) -> Ext | None:
-        """The tags / sliding block of an envelope to store, or None."""
-        if not env.flags & FLAG_EXT:
-            return None
-        return tagmod.split_ext(env.payload, self._keys.partition(encoded))[0]
-
     def _fill(
         self,
         encoded: bytes,
@@ -1206,7 +1145,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if not self._driver.mark_refresh(encoded, token, self._lease_ms):
             return  # another process refreshes it (the XFetch "refreshing" marker)
         ticket = self._guard.ticket()
-        since_us = self._clock.now_us() - _TAG_MARGIN_US
+        since_us = self._clock.now_us() - TAG_MARGIN_US
         started = time.monotonic()
         self._counters.add("loads")
         value = _absent_to_missing(loader, key)
@@ -1265,7 +1204,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return found
         encoded = [encode_key(k) for k in missing]
         token = secrets.token_bytes(16)
-        since_us = self._clock.now_us() - _TAG_MARGIN_US
+        since_us = self._clock.now_us() - TAG_MARGIN_US
         try:
             leases: list[LeaseResult | None] = list(
                 self._driver.leases(encoded, token, self._lease_ms)
@@ -1427,7 +1366,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
         ext = self._ext_of(env, encoded)
         try:
-            for attempt in range(_WRITE_ATTEMPTS + (_TAG_ATTEMPTS if ext is not None else 0)):
+            for attempt in range(_WRITE_ATTEMPTS + (TAG_ATTEMPTS if ext is not None else 0)):
                 call = self._driver.commands.write(
                     encoded,
                     op,
@@ -1446,7 +1385,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 self._clock.observe(result.version)
                 after = result.version
                 if ext is not None and ext.tags:  # get ahead of a stream of invalidations
-                    after += min(_TAG_MARGIN_US << (2 * attempt), 1_000_000)
+                    after += min(TAG_MARGIN_US << (2 * attempt), 1_000_000)
                 env = env.with_version(self._clock.next(after=after))
             else:
                 raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
@@ -1503,188 +1442,6 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             raise CacheUnavailable(f"Redis clear failed: {err}") from err
         finally:
             self._forget_local()  # what a reader of this process installed meanwhile, too
-
-    # -- tags, namespace generations, sliding TTL (tiercache.tags) ---------------------------
-
-    def invalidate_tag(self, tag: str) -> None:
-        """Invalidate every value stored with ``tag``, in Redis and in every process' local tier.
-
-        O(partitions) whatever the number of keys: the tag's version is raised above every
-        version written with it, and a write that lands afterwards is numbered above it.
-        """
-        (tag,) = tagmod.check_tags((tag,))
-        self._ensure_listener()
-        floor = 0
-        try:
-            for partition in range(self._keys.partitions):
-                for attempt in range(_WRITE_ATTEMPTS + _TAG_ATTEMPTS):
-                    version = self._clock.next(after=floor)
-                    key = tagmod.tag_message_key(partition, tag)
-                    sig = self._sign_message(key, version, OP_TAG)
-                    call = tagmod.bump_tag(
-                        self._driver.commands,
-                        partition,
-                        tag,
-                        version,
-                        self._origin,
-                        sig,
-                        max(self._lease_ms * 2, 60_000),
-                    )
-                    result = self._driver.call(call)
-                    if result.applied:
-                        break
-                    self._clock.observe(result.version)
-                    floor = result.version + min(_TAG_MARGIN_US << (2 * attempt), 1_000_000)
-                else:
-                    raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
-                self._tag_invalidated(key, version)  # here at once, before the echo arrives
-        except redis_lib.RedisError as err:
-            with self._guard.lock:  # the outcome is unknown: no local copy with the tag stays
-                for partition in range(self._keys.partitions):
-                    for l1, lkey in self._tags.bump(partition, tag, None):
-                        l1.pop(lkey, None)
-            raise CacheUnavailable(f"Redis tag invalidation of {tag!r} failed: {err}") from err
-
-    def _tag_invalidated(self, key: bytes, version: int | None) -> None:
-        """A tag was invalidated at ``version`` (None: not believed): drop its local copies."""
-        try:
-            partition, tag = tagmod.parse_tag_message_key(key)
-        except ValueError:
-            return
-        with self._guard.lock:
-            for l1, lkey in self._tags.bump(partition, tag, version):
-                l1.pop(lkey, None)
-
-    def _tags_valid(self, version: int, ext: Ext) -> bool:
-        """Whether a value of ``version`` read from Redis is still valid for all its tags."""
-        trusted = self._local_usable  # tag versions known here are kept current by the channel
-        gen = self._tags.gen
-        unknown = []
-        for tag in ext.tags:
-            known = self._tags.known(ext.partition, tag) if trusted else None
-            if known is None:
-                unknown.append(tag)
-            elif known >= version:
-                return False
-        if not unknown:
-            return True
-        cmds = self._driver.commands
-        try:
-            replies = self._driver.call_many(
-                [tagmod.tag_version(cmds, ext.partition, t) for t in unknown]
-            )
-        except redis_lib.RedisError:
-            return False
-        valid = True
-        for tag, inv in zip(unknown, replies, strict=True):
-            if inv is None or isinstance(inv, Exception):
-                return False  # the tag key is lost: the value cannot be vouched for
-            if trusted:
-                with self._guard.lock:
-                    self._tags.learn(ext.partition, tag, inv, gen)
-            if inv >= version:
-                valid = False
-        return valid
-
-    def bump_namespace(self) -> int:
-        """Invalidate the whole namespace in O(1): a new generation, in every key's name.
-
-        Every process moves to it (its invalidation message, or a read of the generation on a
-        resync); the entries of older generations are never read again and expire by TTL.
-        Returns the new generation.
-        """
-        self._ensure_listener()
-        floor = self._keys.generation
-        try:
-            for _ in range(_WRITE_ATTEMPTS + 2):
-                generation = self._clock.next(after=floor)
-                sig = self._sign_message(b"%d" % generation, generation, OP_NAMESPACE)
-                call = tagmod.bump_generation(self._driver.commands, generation, self._origin, sig)
-                result = self._driver.call(call)
-                if result.applied:
-                    break
-                floor = result.version
-                self._clock.observe(floor)
-            else:
-                raise redis_lib.ResponseError("concurrent bumps kept overtaking this one")
-        except redis_lib.RedisError as err:
-            self._forget_local()
-            raise CacheUnavailable(f"Redis namespace bump failed: {err}") from err
-        self._adopt_generation(generation)
-        return generation
-
-    @property
-    def generation(self) -> int:
-        """The namespace generation this process uses (0: never bumped)."""
-        return self._keys.generation
-
-    def _generation_seen(self, generation: int | None) -> None:
-        """An N message: move to ``generation`` (None: not believed, ask Redis)."""
-        if generation is not None:
-            self._adopt_generation(generation)
-            return
-        self._forget_local()
-        self._refresher.submit(("generation",), self._check_generation)
-
-    def _check_generation(self) -> None:
-        """Read the generation from Redis (while the channel is not whole, or when in doubt).
-
-        If Redis fails, the call that follows meets the failure on its own fault path; the
-        check is not retried for a second, so a Redis outage does not double every timeout.
-        """
-        if time.monotonic() - self._gen_check_failed < 1.0:
-            return
-        try:
-            self._reload_generation(force=False)
-        except redis_lib.RedisError:
-            self._gen_check_failed = time.monotonic()
-
-    def _reload_generation(self, force: bool) -> None:
-        generation = self._driver.call(tagmod.generation(self._driver.commands))
-        self._adopt_generation(generation, force)
-
-    def _adopt_generation(self, generation: int, force: bool = False) -> None:
-        """Use ``generation`` from now on (only a newer one unless ``force``: after data loss)."""
-        with self._gen_lock:
-            current = self._keys.generation
-            if generation == current or (generation < current and not force):
-                return
-            keys = self._keys.with_generation(generation)
-            self._keys = keys
-            self._driver.keys = keys
-            self._driver.commands.keys = keys
-        self._forget_local()
-
-    def _slide_interval(self, ext: Ext) -> float:
-        """How often (seconds) a sliding value's TTL is extended by this process, at most."""
-        full = ext.sliding_ms / 1000.0
-        interval = self._sliding_interval
-        return full / 4.0 if interval is None else min(interval, full)
-
-    def _slid(self, encoded: bytes, ext: Ext | None) -> None:
-        """Note that ``encoded``'s TTL was just set in full (a write or fill)."""
-        if ext is not None and ext.sliding_ms:
-            with self._touch_lock:
-                self._touched[encoded] = self._l1.timer()
-                self._touched.move_to_end(encoded)
-
-    def _slide(self, encoded: bytes, version: int, ext: Ext) -> None:
-        """A read of a sliding value: extend its Redis TTL, unless done within the interval."""
-        now = self._l1.timer()
-        with self._touch_lock:
-            last = self._touched.get(encoded)
-            if last is not None and now - last < self._slide_interval(ext):
-                return
-            self._touched[encoded] = now
-            self._touched.move_to_end(encoded)
-            if len(self._touched) > 65_536:
-                self._touched.popitem(last=False)
-        call = tagmod.touch(self._driver.commands, self._keys.value(encoded), ext, version)
-        try:
-            if self._driver.call(call):
-                self._counters.add("slides")
-        except redis_lib.RedisError:
-            pass  # the TTL runs on; the next read after the interval tries again
 
     # -- the namespace as a mapping ---------------------------------------------------------
 
