@@ -68,7 +68,7 @@ def worker(
 
         def racer() -> None:  # keeps a slow load in flight, so some straddle the invalidation
             r = random.Random(wid + 100)
-            mine = [i for i in range(0, keys, 10) if i % workers == wid]
+            mine = list(range(0, keys, 10))[wid::workers]
             while not stop.is_set():
                 key = key_of(r.choice(mine))
                 cache.invalidate(key)
@@ -91,7 +91,7 @@ def worker(
                     ctl.rpush("ctl:applied", wid)
             i = rng.randrange(keys)
             key = key_of(i)
-            if i % workers == wid and rng.random() < 0.2:
+            if i % workers == wid and i % 10 and rng.random() < 0.2:  # (racers own i % 10 == 0)
                 n += 1
                 value = ("w", wid, i, n)
                 after = bool(fence)  # the write starts after invalidate_tag returned

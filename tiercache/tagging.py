@@ -25,9 +25,10 @@ from .keys import KeySpace, decode_key
 from .protocol import OP_NAMESPACE, OP_TAG, FillGuard, VersionClock
 from .tags import Ext, Policy, TagsArg, TagState
 
-TAG_MARGIN_US = 2000  # a load's start, for tags, is taken this much early (clock error margin)
 # Tagged writes and tag invalidations that overtake each other retry this many more times, each
-# proposing further ahead (2 ms, 8 ms, ... 1 s): a stream of the other kind cannot starve them.
+# proposing further ahead (TAG_STEP_US, 4x, ... up to 1 s): a stream of the other kind cannot
+# starve them.
+TAG_STEP_US = 2000
 TAG_ATTEMPTS = 4
 
 
@@ -149,7 +150,7 @@ class TaggingMixin:
                     if result.applied:
                         break
                     self._clock.observe(result.version)
-                    floor = result.version + min(TAG_MARGIN_US << (2 * attempt), 1_000_000)
+                    floor = result.version + min(TAG_STEP_US << (2 * attempt), 1_000_000)
                 else:
                     raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
                 self._tag_invalidated(key, version)  # here at once, before the echo arrives

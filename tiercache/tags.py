@@ -2,7 +2,7 @@
 
 Tags (group invalidation) are lazy tag versions, checked on read, as FusionCache does. Each tag
 has, per partition, a Redis hash ``ns:{ns:p}:t:<tag>`` with ``i``, the version of its last
-invalidation, and ``w``, the highest version written with the tag. A value stored with tags
+invalidation, ``t``, Redis' time of it, and ``w``, the highest version written with the tag. A value stored with tags
 carries their names in its envelope (the EXT block below, covered by the signature), and is
 valid while its version is above the ``i`` of every one of its tags (a tag key that is missing
 although the value names it was lost, so the value is not trusted either). Hence:
@@ -14,7 +14,8 @@ although the value names it was lost, so the value is not trusted either). Hence
 * A write with tags is refused by its Lua script when its version is not above every ``i``, and
   proposed again above it: a write that lands after an invalidation survives it, whatever the
   writer's clock. A fill (or background refresh) whose load began before an invalidation of one
-  of its tags is refused, so a value read from the origin before the change is not stored.
+  of its tags is refused, so a value read from the origin before the change is not stored; both
+  moments are on Redis' clock (``t``, and the lease's or refresh marker's remaining TTL).
 * A read from Redis compares the value's version with its tags' versions. Each process keeps the
   versions of the tags it has met (kept current by the ``G`` messages, trusted only while its
   invalidation channel is whole, forgotten with the local tier); the first read of a tag, or any
@@ -173,11 +174,16 @@ def tagged_write(call: Call, tkeys: tuple[bytes, ...]) -> Call:
 
 
 def tagged_fill(
-    call: Call, tkeys: tuple[bytes, ...], ttl_ms: int, version: int, since_us: int
+    call: Call, tkeys: tuple[bytes, ...], ttl_ms: int, version: int, lease_ms: int
 ) -> Call:
-    """``commands.fill`` or ``commands.refresh`` of a value with tags (see tag_fill.lua)."""
-    script = "fill_tagged" if call.script == "fill" else "refresh_tagged"
-    args = (*call.args, ttl_ms, version, since_us, len(tkeys))
+    """``commands.fill`` or ``commands.refresh`` of a value with tags (see tag_fill.lua).
+
+    The load began when its lease (a fill) or refresh marker (a refresh), set for ``lease_ms``,
+    was taken: the script reads that moment off the key's remaining TTL, on Redis' clock.
+    """
+    fill = call.script == "fill"
+    script = "fill_tagged" if fill else "refresh_tagged"
+    args = (*call.args, ttl_ms, version, lease_ms, 1 if fill else 2, len(tkeys))
     return dataclasses.replace(call, script=script, args=args, keys=call.keys + tkeys)
 
 

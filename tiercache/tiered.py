@@ -73,7 +73,7 @@ from .protocol import (
 )
 from .signing import SIGNATURE_SIZE, Secret, Signer
 from .stampede import Refresher, SingleFlight
-from .tagging import TAG_ATTEMPTS, TAG_MARGIN_US, TaggingMixin
+from .tagging import TAG_ATTEMPTS, TAG_STEP_US, TaggingMixin
 from .tags import Ext, Policy, TagsArg, TagState, TtlArg
 
 log = logging.getLogger("tiercache")
@@ -109,7 +109,6 @@ class _PendingLoad(NamedTuple):
     ticket: int
     started: float
     ttl: Any  # seconds, None, a callable or a tags.Policy
-    since_us: int = 0  # the version clock when the load began (tags: see tag_fill.lua)
 
 
 # A decorated function's calls are keys ``(CALL_MARK, qualified name, ...)``; they live in the
@@ -966,7 +965,6 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         ``rejected``: bytes of this key that did not verify or parse; the lease replaces them.
         """
         ticket = self._guard.ticket()  # before the lease script reads Redis, as in _read
-        since_us = self._clock.now_us() - TAG_MARGIN_US
         lease = self._acquire_lease(encoded, rejected)
         if lease is not None and lease.kind == "v":
             hit = self._decode(lease.envelope or b"", encoded)
@@ -978,7 +976,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
             lease = None  # still unreadable (rewritten meanwhile): load, without storing
         ours = lease if lease is not None and lease.kind == "l" else None
         self._counters.add("loads")
-        return _PendingLoad(encoded, slot, ours, ticket, time.monotonic(), ttl, since_us)
+        return _PendingLoad(encoded, slot, ours, ticket, time.monotonic(), ttl)
 
     def _finish_load(self, pending: _PendingLoad, value: Any) -> Any:
         """After the loader returned ``value``: store it if our lease still stands; return it."""
@@ -1003,7 +1001,6 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
             pending.ticket,
             env,
             value,
-            pending.since_us,
         )
         return value
 
@@ -1081,11 +1078,10 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         ticket: int,
         env: Envelope,
         value: Any,
-        since_us: int = 0,
     ) -> None:
         ext = self._ext_of(env, encoded)
         try:
-            call = self._fill_call(encoded, lease, env, ext, since_us)
+            call = self._fill_call(encoded, lease, env, ext)
             stored = self._driver.call(call)
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
@@ -1099,16 +1095,14 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         self._slid(encoded, ext)
         self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
 
-    def _fill_call(
-        self, encoded: bytes, lease: bytes, env: Envelope, ext: Ext | None, since_us: int
-    ) -> Any:
+    def _fill_call(self, encoded: bytes, lease: bytes, env: Envelope, ext: Ext | None) -> Any:
         """The fill of ``env`` under ``lease`` (guarded by its tags, if any)."""
         ttl_ms = self._redis_ttl_ms(env)
         cmds = self._driver.commands
         call = cmds.fill(encoded, lease, self._pack(env, encoded), ttl_ms)
         if ext is not None and ext.tags:
             tkeys = tagmod.tag_keys(cmds, ext)
-            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, since_us)
+            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, self._lease_ms)
         return call
 
     def _release(self, encoded: bytes, lease: bytes) -> None:
@@ -1145,7 +1139,6 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         if not self._driver.mark_refresh(encoded, token, self._lease_ms):
             return  # another process refreshes it (the XFetch "refreshing" marker)
         ticket = self._guard.ticket()
-        since_us = self._clock.now_us() - TAG_MARGIN_US
         started = time.monotonic()
         self._counters.add("loads")
         value = _absent_to_missing(loader, key)
@@ -1158,7 +1151,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         call = self._driver.commands.refresh(encoded, version, packed, ttl_ms, token)
         if ext is not None and ext.tags:
             tkeys = tagmod.tag_keys(self._driver.commands, ext)
-            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, since_us)
+            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, self._lease_ms)
         if self._driver.call(call):
             self._counters.add("refreshes")
             self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
@@ -1204,7 +1197,6 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
             return found
         encoded = [encode_key(k) for k in missing]
         token = secrets.token_bytes(16)
-        since_us = self._clock.now_us() - TAG_MARGIN_US
         try:
             leases: list[LeaseResult | None] = list(
                 self._driver.leases(encoded, token, self._lease_ms)
@@ -1238,7 +1230,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
             env = self._value_envelope(payload, flags, ttl, lease.version, load_ms, enc, value)
             fills.append((key, enc, lease.envelope, env, value))
         if fills:
-            self._fill_many(fills, tickets, since_us)
+            self._fill_many(fills, tickets)
         return found
 
     def _read_many(
@@ -1286,12 +1278,11 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         self,
         fills: list[tuple[Hashable, bytes, bytes, Envelope, Any]],
         tickets: dict[Hashable, int],
-        since_us: int = 0,
     ) -> None:
         exts = [self._ext_of(env, e) for _, e, _, env, _ in fills]
         try:
             calls = [
-                self._fill_call(e, lease, env, ext, since_us)
+                self._fill_call(e, lease, env, ext)
                 for (_, e, lease, env, _), ext in zip(fills, exts, strict=True)
             ]
             stored = [r is True for r in self._driver.call_many(calls)]
@@ -1385,7 +1376,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
                 self._clock.observe(result.version)
                 after = result.version
                 if ext is not None and ext.tags:  # get ahead of a stream of invalidations
-                    after += min(TAG_MARGIN_US << (2 * attempt), 1_000_000)
+                    after += min(TAG_STEP_US << (2 * attempt), 1_000_000)
                 env = env.with_version(self._clock.next(after=after))
             else:
                 raise redis_lib.ResponseError("concurrent writers kept overtaking this one")

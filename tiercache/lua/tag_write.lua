@@ -49,7 +49,9 @@ do
       return {0, string.format("%.0f", floor)}
     end
     local existed = redis.call("EXISTS", KEYS[3])
-    redis.call("HSET", KEYS[3], "i", ARGV[2])
+    local now = redis.call("TIME")
+    local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    redis.call("HSET", KEYS[3], "i", ARGV[2], "t", string.format("%.0f", now_us))
     if existed == 0 then
       redis.call("PEXPIRE", KEYS[3], ARGV[11])
     end
