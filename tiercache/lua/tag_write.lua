@@ -48,11 +48,11 @@ do
     if t_version <= floor then
       return {0, string.format("%.0f", floor)}
     end
-    local existed = redis.call("EXISTS", KEYS[3])
+    local pttl = redis.call("PTTL", KEYS[3])
     local now = redis.call("TIME")
     local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
     redis.call("HSET", KEYS[3], "i", ARGV[2], "t", string.format("%.0f", now_us))
-    if existed == 0 then
+    if pttl == -2 or (pttl >= 0 and pttl < tonumber(ARGV[11])) then
       redis.call("PEXPIRE", KEYS[3], ARGV[11])
     end
   elseif t_op == "N" then
