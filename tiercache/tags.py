@@ -2,10 +2,11 @@
 
 Tags (group invalidation) are lazy tag versions, checked on read, as FusionCache does. Each tag
 has, per partition, a Redis hash ``ns:{ns:p}:t:<tag>`` with ``i``, the version of its last
-invalidation, ``t``, Redis' time of it, and ``w``, the highest version written with the tag. A value stored with tags
-carries their names in its envelope (the EXT block below, covered by the signature), and is
-valid while its version is above the ``i`` of every one of its tags (a tag key that is missing
-although the value names it was lost, so the value is not trusted either). Hence:
+invalidation, ``t``, Redis' time of it, and ``w``, the highest version written with the tag. A
+value stored with tags carries their names in its envelope (the EXT block below, covered by the
+signature), and is valid while its version is above the ``i`` of every one of its tags (a tag
+key that is missing although the value names it was lost, so the value is not trusted either).
+Hence:
 
 * ``invalidate_tag(t)`` is O(partitions), whatever the number of keys: one Lua script per
   partition sets ``i`` above both ``i`` and ``w`` (above every value written with the tag) and
