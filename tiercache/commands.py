@@ -246,9 +246,10 @@ class Commands:
     def unlink_pattern(self, partition: int, prefix: bytes = b"") -> bytes:
         """SCAN pattern of what a clear (of ``prefix``) unlinks in a partition."""
         if prefix:
-            return escape_glob(self.keys.prefix(partition) + b"v:" + prefix) + b"*"
+            return escape_glob(self.keys.value_prefix(partition) + prefix) + b"*"
         return self.keys.all_pattern(partition)
 
     def kept_by_clear(self, partition: int) -> frozenset[bytes]:
-        """Keys a clear leaves: the partition's counter and log."""
-        return frozenset((self.keys.counter(partition), self.keys.log(partition)))
+        """Keys a clear leaves: the partition's counter and log, the namespace generation."""
+        kept = (self.keys.counter(partition), self.keys.log(partition), self.keys.generation_key())
+        return frozenset(kept)

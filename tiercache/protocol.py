@@ -47,7 +47,9 @@ OP_SET = "S"
 OP_DELETE = "D"
 OP_CLEAR = "C"
 OP_CLEAR_PREFIX = "P"  # every key whose encoding starts with the message's key
-OPS = frozenset((OP_SET, OP_DELETE, OP_CLEAR, OP_CLEAR_PREFIX))
+OP_TAG = "G"  # a tag was invalidated: the key is "<partition>:<tag>", the version its new one
+OP_NAMESPACE = "N"  # the namespace generation changed: the version is the new generation
+OPS = frozenset((OP_SET, OP_DELETE, OP_CLEAR, OP_CLEAR_PREFIX, OP_TAG, OP_NAMESPACE))
 
 
 class VersionClock:

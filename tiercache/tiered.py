@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ import redis as redis_lib
 
 from . import checks, writebehind
 from . import server as server_mod
+from . import tags as tagmod
 from ._sentinel import MISSING
 from .codec import Codec, compress, decompress, resolve_codec
 from .driver import LeaseResult, SyncDriver, make_client
@@ -46,6 +46,7 @@ from .envelope import (
     COMPRESSION_MASK,
     COMPRESSION_SHIFT,
     FLAG_ABSENT,
+    FLAG_EXT,
     FLAG_NOT_A_VALUE,
     FLAG_TOMBSTONE,
     FORMAT,
@@ -62,7 +63,9 @@ from .protocol import (
     OP_CLEAR,
     OP_CLEAR_PREFIX,
     OP_DELETE,
+    OP_NAMESPACE,
     OP_SET,
+    OP_TAG,
     FillGuard,
     Invalidation,
     VersionClock,
@@ -71,6 +74,8 @@ from .protocol import (
 )
 from .signing import SIGNATURE_SIZE, Secret, Signer
 from .stampede import Refresher, SingleFlight
+from .tagging import TAG_ATTEMPTS, TAG_STEP_US, TaggingMixin
+from .tags import Ext, Policy, TagsArg, TagState, TtlArg
 from .warm import Progress, WarmResult, warm
 
 log = logging.getLogger("tiercache")
@@ -86,8 +91,8 @@ _INFLATION = 32  # a compressed payload may decode to at most this many times ma
 _REJECTED: Any = object()  # what _decode says of bytes that do not verify or parse
 _XFETCH_HORIZON = math.log(1000.0)  # beyond this many beta*delta an early refresh is < 0.1%
 
-# What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value).
-_Hit = tuple[int, int, float, float, float, Any]
+# What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value, ext).
+_Hit = tuple[int, int, float, float, float, Any, Ext | None]
 
 
 class _Slot(NamedTuple):
@@ -106,7 +111,7 @@ class _PendingLoad(NamedTuple):
     lease: LeaseResult | None
     ticket: int
     started: float
-    ttl: float | None
+    ttl: Any  # seconds, None, a callable or a tags.Policy
 
 
 # A decorated function's calls are keys ``(CALL_MARK, qualified name, ...)``; they live in the
@@ -248,6 +253,7 @@ class _Counters:
         "lease_timeouts",
         "read_errors",
         "write_errors",
+        "slides",
     )
 
     def __init__(self) -> None:
@@ -276,7 +282,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
+class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[misc]
     """A dict-like cache: a local tier per process in front of a shared Redis."""
 
     def __init__(
@@ -288,7 +294,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         local_policy: str = "lru",
         local_ttl: float = 60.0,
         local_maxbytes: int | None = None,
-        ttl: float | None = None,
+        ttl: TtlArg = None,
         loader: Callable[[Any], Any] | None = None,
         serializer: str | Codec | None = None,
         secret: Secret | None = None,
@@ -318,13 +324,16 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         partitions: int = 1,
         max_key_bytes: int = MAX_KEY_BYTES,
         timer: Callable[[], float] | None = None,
+        tags: TagsArg = None,
+        sliding: bool = False,
+        sliding_interval: float | None = None,
     ) -> None:
         if not local_ttl > 0 or math.isinf(local_ttl):
             raise ValueError("local_ttl must be a finite number of seconds > 0")
         if stale_if_error < 0:
             raise ValueError("stale_if_error must be >= 0")
-        if ttl is not None and not ttl > 0:
-            raise ValueError("ttl must be > 0 or None")
+        if ttl is not None and not callable(ttl) and not ttl > 0:
+            raise ValueError("ttl must be > 0, None or a callable(key, value)")
         if on_write_error not in ("raise", "invalidate_local"):
             raise ValueError("on_write_error must be 'raise' or 'invalidate_local'")
         if not negative_ttl > 0 or stale_ttl < 0 or not 0 <= ttl_jitter < 1 or xfetch_beta < 0:
@@ -345,6 +354,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._compress_over = compress_over
         self._loader = loader
         self._ttl = ttl
+        self._tagging_init(tags, sliding, sliding_interval)
         self._local_ttl = local_ttl
         self._stale_if_error = stale_if_error
         self._lease_ms = int(lease_ttl * 1000)
@@ -408,6 +418,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._driver = SyncDriver(client, self._keys, log_maxlen=log_maxlen)
         if self._server is None:  # (the embedded development server is not checked)
             checks.check_server(client, entries_expire=ttl is not None)
+        tagmod.install_scripts(self._driver.commands)
         self._bloom = bloom.open(self._driver) if bloom is not None else None
         self._fresh_local_tier()
         _live_caches[id(self)] = self
@@ -425,6 +436,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _fresh_local_tier(self) -> None:
         self._l1 = LocalCache(self._local_maxsize, **self._l1_args)
         self._guard = FillGuard()
+        self._tags = TagState()  # the tag versions known here, the local copies' tags
         self._front_init(self._l1)
 
     def _ensure_listener(self) -> None:
@@ -454,6 +466,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._clock = self._clock.copy()
         self._flights = SingleFlight()
         self._refresher = Refresher(self._refresh_workers, name=f"tiercache:{self.namespace}")
+        self._touch_lock = threading.Lock()
+        self._gen_lock = threading.Lock()
         self._fresh_local_tier()  # the parent's locks and flags may have been held mid-write
         for sub in list(self._subtiers.values()):
             sub._rebind_local()
@@ -471,6 +485,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             self._clock.calibrate(*self._driver.server_time())
         except redis_lib.RedisError:
             pass  # versions stay monotone without it; the next recovery tries again
+        try:  # a bump may have been missed, or the generation lost with the data: Redis says
+            self._reload_generation(force=True)
+        except redis_lib.RedisError:
+            pass  # reads and writes check it themselves until the channel is whole
         if recovered:
             self._counters.add("resyncs")
             self._hook(self._on_resync, "resynced")
@@ -497,6 +515,12 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return
         if msg.op == OP_CLEAR_PREFIX:
             self._forget_prefix(msg.key)
+            return
+        if msg.op == OP_TAG:
+            self._tag_invalidated(msg.key, msg.version if plausible else None)
+            return
+        if msg.op == OP_NAMESPACE:
+            self._generation_seen(msg.version if plausible else None)
             return
         slot = self._slot(None, msg.key)
         with self._guard.lock:
@@ -552,6 +576,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _forget_local(self) -> None:
         with self._guard.lock:
             self._guard.forget_all()
+            self._tags.forget_all()
             self._l1.clear()
             for sub in list(self._subtiers.values()):
                 sub.local.clear()
@@ -627,7 +652,13 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         return default if value is MISSING else value
 
     def get_or_load(
-        self, key: Hashable, loader: Callable[[Any], Any], ttl: float | None = None
+        self,
+        key: Hashable,
+        loader: Callable[[Any], Any],
+        ttl: TtlArg = None,
+        *,
+        tags: TagsArg = None,
+        sliding: bool | None = None,
     ) -> Any:
         """The value of ``key``; on a miss, ``loader(key)`` once across processes, then stored.
 
@@ -635,10 +666,14 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         processes (the fill lease); the others wait for its value, at most ``lease_ttl``. A loader
         that returns ``MISSING`` or raises ``KeyError`` makes this raise ``KeyError``, and the
         absence is cached for ``negative_ttl``; other exceptions propagate and are not cached.
+        ``ttl``, ``tags`` and ``sliding`` are as for ``set`` (a callable gets the loaded value).
         """
         value = self._local_value(key)
         if value is _NOT_LOCAL:
-            value = self._read(key, loader, self._ttl if ttl is None else ttl)
+            policy: Any = self._ttl if ttl is None else ttl
+            if tags is not None or sliding is not None:
+                policy = Policy(policy, tags, sliding)
+            value = self._read(key, loader, policy)
         if value is MISSING:
             raise KeyError(key)
         return value
@@ -655,8 +690,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _read(self, key: Hashable, loader: Callable[[Any], Any] | None, ttl: float | None) -> Any:
         """The value of ``key`` from the first tier that has it; ``MISSING`` if none has it."""
         encoded = encode_key(key)
-        slot = self._slot(key, encoded)
         self._ensure_listener()
+        if not self._local_usable:
+            self._check_generation()
+        slot = self._slot(key, encoded)
         if self._local_usable:
             e = slot.l1.entry(slot.key)
             if e is not None and e.fresh_until > slot.l1.timer():
@@ -707,7 +744,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         ttl: float | None,
     ) -> Any:
         """Return a value read from Redis; refresh it early or in the background when due."""
-        version, _, _, fresh_until, load_ms, value = hit
+        version, _, _, fresh_until, load_ms, value, ext = hit
         now = self._clock.now_us() / 1e6
         if fresh_until and now >= fresh_until:
             # Stale, within its stale_ttl: served at once while one refresh runs (SWR).
@@ -728,8 +765,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         fresh = self._local_ttl
         if fresh_until:
             fresh = min(fresh, fresh_until - now - horizon)
+        if ext is not None and ext.sliding_ms:  # reads reach Redis (and extend) once per interval
+            fresh = min(fresh, self._slide_interval(ext))
         if fresh > 0:
-            self._install(ticket, slot, version, fresh, value)
+            self._install(ticket, slot, version, fresh, value, ext)
         return value
 
     def _read_failed(
@@ -793,8 +832,13 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 if _key_in_block(payload) != encoded:
                     raise ValueError("the key inside the payload is another key")
                 payload = payload[4 + len(encoded) :]
+            ext = None
+            if flags & FLAG_EXT:
+                ext, payload = tagmod.split_ext(payload, self._keys.partition(encoded))
             if expires_at and expires_at <= self._clock.now_us() / 1e6:
                 return None
+            if ext is not None and ext.tags and not self._tags_valid(version, ext):
+                return None  # invalidated by one of its tags
             if not flags & FLAG_ABSENT:
                 if codec != self._codec.id:
                     # Only this cache's own codec may read a payload: a pickle payload planted
@@ -805,8 +849,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             if version < floor:
                 self._counters.add("stale_reads_refused")
                 return _REJECTED  # type: ignore[no-any-return]
+            if ext is not None and ext.sliding_ms:
+                self._slide(encoded, version, ext)
             if flags & FLAG_ABSENT:
-                return version, flags, expires_at, fresh_until, load_ms, MISSING
+                return version, flags, expires_at, fresh_until, load_ms, MISSING, ext
             method = (flags & COMPRESSION_MASK) >> COMPRESSION_SHIFT
             if method:
                 payload = decompress(payload, method, self._max_value_bytes * _INFLATION)
@@ -815,7 +861,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             self._counters.add("rejected_payloads")
             self._warn(f"rejected the payload of {encoded[:60]!r}: {err}")
             return _REJECTED  # type: ignore[no-any-return]
-        return version, flags, expires_at, fresh_until, load_ms, value
+        return version, flags, expires_at, fresh_until, load_ms, value, ext
 
     def _floor(self, guard: Hashable) -> int:
         """The oldest version of a key a read starting now may serve (see ``_decode``).
@@ -868,7 +914,15 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return "-"
         return self._signer.sign_message(encoded, version, op, self._origin)
 
-    def _install(self, ticket: int, slot: _Slot, version: int, fresh: float, value: Any) -> None:
+    def _install(
+        self,
+        ticket: int,
+        slot: _Slot,
+        version: int,
+        fresh: float,
+        value: Any,
+        ext: Ext | None = None,
+    ) -> None:
         """Install a value read under ``ticket`` locally, unless it could bring back old data."""
         if not self._local_usable:
             # Not serving locally now, but a copy older than what was just read must not be
@@ -880,12 +934,24 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return
         with self._guard.lock:
             current = slot.l1.entry(slot.key)
-            if current is not None and current.version >= version:
+            # The same version no longer fresh (a sliding value read again) is renewed.
+            if current is not None and (
+                current.version > version
+                or (current.version == version and current.fresh_until > slot.l1.timer())
+            ):
                 return
             if not self._guard.admit(ticket, slot.guard, version):
                 self._counters.add("local_fills_rejected")
                 return
+            tags = ext.tags if ext is not None else ()
+            if tags and not self._tags.admit(ext.partition, tags, version):  # type: ignore[union-attr]
+                self._counters.add("local_fills_rejected")  # a tag invalidated since (or unknown)
+                return
             self._put_local(slot, value, version, fresh)
+            if tags:
+                self._tags.index(slot.guard, slot.l1, slot.key, version, ext.partition, tags)  # type: ignore[union-attr]
+            else:
+                self._tags.unindex(slot.guard)
 
     def _put_local(self, slot: _Slot, value: Any, version: int, fresh: float) -> None:
         """Store a local copy fresh for ``fresh`` seconds (caller holds the guard's lock)."""
@@ -953,8 +1019,17 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._filter_learns(pending.encoded, value)
         load_ms = (time.monotonic() - pending.started) * 1000.0
         self._load_times.add(load_ms)
-        env = self._value_envelope(payload, flags, pending.ttl, lease.version, load_ms)
-        self._fill(pending.encoded, pending.slot, lease.envelope, pending.ticket, env, value)
+        env = self._value_envelope(
+            payload, flags, pending.ttl, lease.version, load_ms, pending.encoded, value
+        )
+        self._fill(
+            pending.encoded,
+            pending.slot,
+            lease.envelope,
+            pending.ticket,
+            env,
+            value,
+        )
         return value
 
     def _filter_learns(self, encoded: bytes, value: Any) -> None:
@@ -1007,29 +1082,56 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             delay = min(delay * 1.5, _POLL_MAX)
 
     def _value_envelope(
-        self, payload: bytes, flags: int, ttl: float | None, after: int, load_ms: float
+        self,
+        payload: bytes,
+        flags: int,
+        ttl: Any,
+        after: int,
+        load_ms: float,
+        encoded: bytes = b"",
+        value: Any = MISSING,
     ) -> Envelope:
-        """The envelope to store for a loaded value, or for a loaded absence (FLAG_ABSENT)."""
+        """The envelope to store for a loaded value, or for a loaded absence (FLAG_ABSENT).
+
+        ``ttl``: seconds, None, a callable(key, value) or a tags.Policy (with tags, sliding).
+        """
         version = self._clock.next(after=after)
-        if flags & FLAG_ABSENT:
-            ttl = self._negative_ttl
-        return self._envelope(payload, ttl, version, load_ms, flags)
+        return self._tagged_envelope(payload, flags, ttl, version, load_ms, encoded, value)
 
     def _fill(
-        self, encoded: bytes, slot: _Slot, lease: bytes, ticket: int, env: Envelope, value: Any
+        self,
+        encoded: bytes,
+        slot: _Slot,
+        lease: bytes,
+        ticket: int,
+        env: Envelope,
+        value: Any,
     ) -> None:
+        ext = self._ext_of(env, encoded)
         try:
-            stored = self._driver.fill(
-                encoded, lease, self._pack(env, encoded), self._redis_ttl_ms(env)
-            )
+            call = self._fill_call(encoded, lease, env, ext)
+            stored = self._driver.call(call)
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"fill of {encoded[:60]!r} failed: {err}")
             return
         if not stored:
             self._counters.add("stale_fills_rejected")
+            if ext is not None and ext.tags:  # refused for a tag: our lease may still be there
+                self._release(encoded, lease)
             return
-        self._install(ticket, slot, env.version, self._local_fresh(env), value)
+        self._slid(encoded, ext)
+        self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
+
+    def _fill_call(self, encoded: bytes, lease: bytes, env: Envelope, ext: Ext | None) -> Any:
+        """The fill of ``env`` under ``lease`` (guarded by its tags, if any)."""
+        ttl_ms = self._redis_ttl_ms(env)
+        cmds = self._driver.commands
+        call = cmds.fill(encoded, lease, self._pack(env, encoded), ttl_ms)
+        if ext is not None and ext.tags:
+            tkeys = tagmod.tag_keys(cmds, ext)
+            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, self._lease_ms)
+        return call
 
     def _release(self, encoded: bytes, lease: bytes) -> None:
         try:
@@ -1070,11 +1172,17 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         value = _absent_to_missing(loader, key)
         payload, flags = self._payload(value)
         load_ms = (time.monotonic() - started) * 1000.0
-        env = self._value_envelope(payload, flags, ttl, version, load_ms)
+        env = self._value_envelope(payload, flags, ttl, version, load_ms, encoded, value)
         packed = self._pack(env, encoded)
-        if self._driver.refresh(encoded, version, packed, self._redis_ttl_ms(env), token):
+        ttl_ms = self._redis_ttl_ms(env)
+        ext = self._ext_of(env, encoded)
+        call = self._driver.commands.refresh(encoded, version, packed, ttl_ms, token)
+        if ext is not None and ext.tags:
+            tkeys = tagmod.tag_keys(self._driver.commands, ext)
+            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, self._lease_ms)
+        if self._driver.call(call):
             self._counters.add("refreshes")
-            self._install(ticket, slot, env.version, self._local_fresh(env), value)
+            self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
         else:
             self._counters.add("stale_fills_rejected")  # a write or delete landed meanwhile
 
@@ -1086,6 +1194,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             if env.load_ms and self._beta > 0:  # reads in the XFetch window must reach Redis
                 horizon = self._beta * env.load_ms / 1000.0 * _XFETCH_HORIZON
             fresh = min(fresh, env.fresh_until - self._clock.now_us() / 1e6 - horizon)
+        if env.flags & FLAG_EXT:
+            ext = tagmod.split_ext(env.payload)[0]
+            if ext.sliding_ms:
+                fresh = min(fresh, self._slide_interval(ext))
         return fresh
 
     # -- batches ----------------------------------------------------------------------------
@@ -1149,7 +1261,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 continue
             payload, flags = self._payload(value)
             self._filter_learns(enc, value)
-            env = self._value_envelope(payload, flags, ttl, lease.version, load_ms)
+            env = self._value_envelope(payload, flags, ttl, lease.version, load_ms, enc, value)
             fills.append((key, enc, lease.envelope, env, value))
         if fills:
             self._fill_many(fills, tickets)
@@ -1173,6 +1285,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                     found[key] = value
                 continue
             pending.append((key, encoded, slot))
+        if pending and not self._local_usable:
+            self._check_generation()
         ticket = self._guard.ticket()
         floors = [self._floor(slot.guard) for _, _, slot in pending]
         tickets = {key: ticket for key, _, _ in pending}
@@ -1200,21 +1314,25 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         fills: list[tuple[Hashable, bytes, bytes, Envelope, Any]],
         tickets: dict[Hashable, int],
     ) -> None:
-        items = [
-            (e, lease, self._pack(env, e), self._redis_ttl_ms(env)) for _, e, lease, env, _ in fills
-        ]
+        exts = [self._ext_of(env, e) for _, e, _, env, _ in fills]
         try:
-            stored = self._driver.fills(items)
+            calls = [
+                self._fill_call(e, lease, env, ext)
+                for (_, e, lease, env, _), ext in zip(fills, exts, strict=True)
+            ]
+            stored = [r is True for r in self._driver.call_many(calls)]
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"batch fill failed: {err}")
             return
-        for (key, enc, _, env, value), ok in zip(fills, stored, strict=True):
+        for (key, enc, _, env, value), ext, ok in zip(fills, exts, stored, strict=True):
             if not ok:
                 self._counters.add("stale_fills_rejected")
                 continue
             slot = self._slot(key, enc)
-            self._install(tickets.get(key, -1), slot, env.version, self._local_fresh(env), value)
+            self._slid(enc, ext)
+            fresh = self._local_fresh(env)
+            self._install(tickets.get(key, -1), slot, env.version, fresh, value, ext)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -1222,21 +1340,35 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self.set(key, value)
 
     def set(
-        self, key: Hashable, value: Any, ttl: float | None = None, *, write_behind: bool = False
+        self,
+        key: Hashable,
+        value: Any,
+        ttl: TtlArg = None,
+        *,
+        tags: TagsArg = None,
+        sliding: bool | None = None,
+        write_behind: bool = False,
     ) -> None:
         """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here.
 
+        ``ttl`` may be a callable(key, value) returning seconds or None (adaptive TTL); ``tags``
+        names the groups ``invalidate_tag`` drops it with (or a callable(key, value) giving
+        them); ``sliding`` makes reads push its Redis TTL back (see tiercache.tags);
         ``write_behind``: also queue the write for the origin, atomically (tiercache.writebehind).
         """
-        if ttl is not None and not ttl > 0:
-            raise ValueError("ttl must be > 0 or None")
+        if ttl is not None and not callable(ttl) and not ttl > 0:
+            raise ValueError("ttl must be > 0, None or a callable(key, value)")
         encoded = encode_key(key)
         slot = self._slot(key, encoded)
         payload, flags = self._payload(value)  # a value that cannot be stored changes nothing
-        ttl = self._ttl if ttl is None else ttl
+        policy: Any = self._ttl if ttl is None else ttl
+        if tags is not None or sliding is not None:
+            policy = Policy(policy, tags, sliding)
         version = self._clock.next(after=self._guard.newest(slot.guard))
-        env = self._envelope(payload, ttl, version, 0.0, flags)
+        env = self._tagged_envelope(payload, flags, policy, version, 0.0, encoded, value)
         self._ensure_listener()
+        if not self._local_usable:
+            self._check_generation()
         if self._bloom is not None:  # before the value exists anywhere
             try:
                 self._bloom.register(encoded)
@@ -1247,10 +1379,12 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         if applied is None:
             return
         self._counters.add("writes")
+        ext = self._ext_of(env, encoded)
+        self._slid(encoded, ext)
         fresh = self._local_fresh(env)
         if fresh > 0:
             # Admitted like a read: a flush or a newer write since the write began wins.
-            self._install(ticket, slot, applied.version, fresh, value)
+            self._install(ticket, slot, applied.version, fresh, value, ext)
 
     def _write(
         self,
@@ -1267,10 +1401,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         ``behind``: the write-behind script, which also queues the write for the origin.
         """
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
-        run = functools.partial(writebehind.write, self._driver) if behind else self._driver.write
+        ext = self._ext_of(env, encoded)
         try:
-            for _ in range(_WRITE_ATTEMPTS):
-                result = run(
+            for attempt in range(_WRITE_ATTEMPTS + (TAG_ATTEMPTS if ext is not None else 0)):
+                call = self._driver.commands.write(
                     encoded,
                     op,
                     env.version,
@@ -1280,10 +1414,18 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                     sig=self._sign_message(encoded, env.version, op),
                     ceiling=self._clock.now_us() + _MAX_CLOCK_LEAD_US,
                 )
+                if ext is not None and ext.tags:  # refused below the tags' versions: retried
+                    call = tagmod.tagged_write(call, tagmod.tag_keys(self._driver.commands, ext))
+                if behind:  # the same script, which also queues the write for the origin
+                    call = writebehind.behind(self._driver.commands, call, encoded)
+                result = self._driver.call(call)
                 if result.applied:
                     break
                 self._clock.observe(result.version)
-                env = env.with_version(self._clock.next(after=result.version))
+                after = result.version
+                if ext is not None and ext.tags:  # get ahead of a stream of invalidations
+                    after += min(TAG_STEP_US << (2 * attempt), 1_000_000)
+                env = env.with_version(self._clock.next(after=after))
             else:
                 raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
         except redis_lib.RedisError as err:
@@ -1341,6 +1483,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         version = self._clock.next(after=self._guard.newest(slot.guard))
         env = self._envelope(b"", self._tombstone_ttl, version, 0.0, flags=FLAG_TOMBSTONE)
         self._ensure_listener()
+        if not self._local_usable:
+            self._check_generation()
         result = self._write(key, encoded, slot, OP_DELETE, env, behind=behind)
         if result is None:
             return True  # Redis failed and the failure was swallowed: it may have been there
@@ -1419,6 +1563,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         out["local_size"] = local["currsize"]
         out["local_evictions"] = local["evictions"]
         out["local_usable"] = self._local_usable
+        out["generation"] = self._keys.generation
         listener = self._listener
         out["invalidation_lag_ms"] = self._lags.percentiles()
         out["load_ms"] = self._load_times.percentiles()
@@ -1515,6 +1660,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _redis_ttl_ms(self, env: Envelope) -> int:
         """The Redis TTL in ms of an envelope (0: none)."""
         if not env.expires_at:
+            if env.flags & FLAG_EXT:  # a sliding TTL, if any, is in the tags block
+                return tagmod.split_ext(env.payload)[0].sliding_ms
             return 0
         return max(1, int((env.expires_at - self._clock.now_us() / 1e6) * 1000))
 

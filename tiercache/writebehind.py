@@ -49,8 +49,9 @@ import redis as redis_lib
 from .checks import check_write_behind
 from .codec import decompress
 from .commands import Call, Commands, load_script_source
-from .envelope import FLAG_NOT_A_VALUE, HEADER_SIZE, EnvelopeError, unpack
+from .envelope import FLAG_EXT, FLAG_NOT_A_VALUE, HEADER_SIZE, EnvelopeError, unpack
 from .keys import KeySpace, decode_key
+from .tags import split_ext
 
 if TYPE_CHECKING:
     from .tiered import TieredCache
@@ -92,25 +93,35 @@ def mark_key(keys: KeySpace, partition: int) -> bytes:
     return _name(keys, "wbhw", partition)
 
 
-def write_behind_source() -> str:
-    """``lua/write_behind.lua`` with ``lua/write.lua`` inserted (so both stay one write path)."""
+def write_behind_source(write_source: str | None = None) -> str:
+    """``lua/write_behind.lua`` with the write script inserted (so both stay one write path).
+
+    ``write_source``: the write script's source (default ``lua/write.lua``; the tagged write of
+    tiercache.tags is ``write.lua`` behind a prelude).
+    """
     wrapper = load_script_source("write_behind")
-    return wrapper.replace(_WRITE_MARKER, load_script_source("write"), 1)
+    source = load_script_source("write") if write_source is None else write_source
+    return wrapper.replace(_WRITE_MARKER, source, 1)
 
 
-def _register(commands: Commands) -> None:
-    """Make the composed write-behind script known to ``commands`` (sent by SHA like the rest)."""
-    if "write_behind" not in commands.sources:
-        source = write_behind_source()
-        commands.shas["write_behind"] = hashlib.sha1(source.encode("utf-8")).hexdigest()
-        commands.sources["write_behind"] = source
+def _register(commands: Commands, script: str) -> str:
+    """The name of the write-behind form of ``script``, made known to ``commands`` (by SHA)."""
+    name = "write_behind" if script == "write" else f"{script}_behind"
+    if name not in commands.sources:
+        base = commands.sources.get(script) or load_script_source(script)
+        source = write_behind_source(base)
+        commands.shas[name] = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        commands.sources[name] = source
+    return name
 
 
 def behind(commands: Commands, write: Call, encoded: bytes) -> Call:
-    """The write-behind form of a write call (``Commands.write``): the same, plus the queueing."""
-    _register(commands)
+    """The write-behind form of a write call (``Commands.write``, tagged or not): the same
+    script, plus the queueing."""
+    assert write.script is not None
+    name = _register(commands, write.script)
     stream = stream_key(commands.keys, commands.keys.partition(encoded))
-    return Call("write_behind", write.args, (*write.keys, stream), write.parse)
+    return Call(name, write.args, (*write.keys, stream), write.parse)
 
 
 def write(driver: Any, encoded: bytes, op: str, version: int, envelope: bytes, **kw: Any) -> Any:
@@ -598,6 +609,8 @@ def decode_value(cache: TieredCache, encoded: bytes, raw: bytes) -> Any:
         if payload[4 : 4 + size] != encoded:
             raise ValueError("the key inside the payload is another key")
         payload = payload[4 + size :]
+    if env.flags & FLAG_EXT:  # the tags/sliding block (tiercache.tags) precedes the value
+        _, payload = split_ext(payload)
     if env.codec != cache._codec.id:
         raise ValueError(f"payload of codec {env.codec}, this cache reads {cache._codec.id}")
     if env.compression:
