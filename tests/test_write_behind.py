@@ -147,6 +147,25 @@ def test_batches_coalesce_to_the_last_version_in_order(
         assert redis_client.exists(mark_key(cache._keys, 0)) == 0  # no high-water mark left
 
 
+def test_a_tagged_write_behind_is_queued_flushed_and_dropped_with_its_tag(
+    redis_client: redis.Redis,
+) -> None:
+    seen: list[WriteBehindItem] = []
+    with TieredCache(redis_client, namespace="wbtag", heartbeat_interval=0) as cache:
+        wb = WriteBehind(cache, lambda batch: seen.extend(batch), start=False)
+        cache.set("a", {"n": 1}, tags=("user:1",), write_behind=True)
+        cache.set("b", "plain", write_behind=True)
+        assert wb.pending() == 2
+        assert wb.flush(10.0)
+        assert sorted((i.key, repr(i.value)) for i in seen) == [("a", "{'n': 1}"), ("b", "'plain'")]
+        cache.invalidate_tag("user:1")
+        assert cache.get("a") is None and cache["b"] == "plain"
+        # A tagged write-behind after the invalidation survives it, and is queued again.
+        cache.set("a", {"n": 2}, tags=("user:1",), write_behind=True)
+        assert cache["a"] == {"n": 2} and wb.pending() == 1
+        wb.close()
+
+
 def test_records_of_stopped_flushers_are_removed(redis_client: redis.Redis) -> None:
     with TieredCache(redis_client, namespace="wb7", heartbeat_interval=0) as cache:
         stream = stream_key(cache._keys, 0)
