@@ -35,7 +35,9 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Mut
 from typing import Any, NamedTuple, Protocol
 
 import redis as redis_lib
+from redis.cluster import RedisCluster
 
+from . import cluster as cluster_mod
 from . import server as server_mod
 from ._sentinel import MISSING
 from .codec import Codec, compress, decompress, resolve_codec
@@ -276,7 +278,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
 
     def __init__(
         self,
-        redis: str | redis_lib.Redis | None = None,
+        redis: str | redis_lib.Redis | RedisCluster | None = None,
         *,
         namespace: str = "tc",
         local_maxsize: int = 10_000,
@@ -310,7 +312,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         on_invalidate: Callable[[Any, int], None] | None = None,
         on_resync: Callable[[str], None] | None = None,
         heartbeat_interval: float = 5.0,
-        partitions: int = 1,
+        partitions: int | None = None,
         max_key_bytes: int = MAX_KEY_BYTES,
         timer: Callable[[], float] | None = None,
     ) -> None:
@@ -326,6 +328,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             raise ValueError(
                 "negative_ttl must be > 0, stale_ttl >= 0, 0 <= ttl_jitter < 1, xfetch_beta >= 0"
             )
+        partitions = cluster_mod.default_partitions(redis, partitions)
         self._keys = KeySpace(namespace, partitions, max_key_bytes)
         self._codec = resolve_codec(serializer)
         if self._codec.name == "pickle" and secret is None:
@@ -379,8 +382,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._clock = VersionClock()
         self._closed = False
         self._server: server_mod.RedisServer | None = None
-        self._owns_client = not isinstance(redis, redis_lib.Redis)
-        self._listener: Listener | None = None
+        self._owns_client = not isinstance(redis, (redis_lib.Redis, RedisCluster))
+        self._listener: Listener | cluster_mod.ShardedListener | None = None
         self._listener_lock = threading.Lock()
         self._last_warning = 0.0
 
@@ -390,7 +393,12 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             redis = self._server.url
         if isinstance(redis, str):
             try:
-                client = make_client(
+                client = cluster_mod.make_any_client(
+                    redis,
+                    socket_timeout=socket_timeout,
+                    connect_timeout=connect_timeout,
+                    retries=retries,
+                ) or make_client(
                     redis,
                     socket_timeout=socket_timeout,
                     connect_timeout=connect_timeout,
@@ -400,7 +408,7 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
                 raise ValueError(_url_error(redis, err)) from None
         else:
             client = redis
-        self._driver = SyncDriver(client, self._keys, log_maxlen=log_maxlen)
+        self._driver = cluster_mod.open_driver(client, self._keys, log_maxlen=log_maxlen)
         self._bloom = bloom.open(self._driver) if bloom is not None else None
         self._fresh_local_tier()
         _live_caches[id(self)] = self
@@ -425,7 +433,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
             return  # (a forked child has none: the at-fork hook dropped the parent's)
         with self._listener_lock:
             if self._listener is None and not self._closed:
-                self._listener = Listener(
+                make_listener = getattr(self._driver, "listener_class", lambda: Listener)
+                self._listener = make_listener()(
                     self._driver,
                     self,
                     partitions=range(self._keys.partitions),
@@ -577,8 +586,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._ensure_listener()
         self._forget_prefix(prefix)
         try:
-            for partition in range(self._keys.partitions):
-                self._driver.unlink_partition(partition, self._keys.clip(prefix))
+            partitions = range(self._keys.partitions)
+            self._driver.unlink_partitions(partitions, self._keys.clip(prefix))
+            for partition in partitions:
                 version = self._clock.next()
                 sig = self._sign_message(prefix, version, OP_CLEAR_PREFIX)
                 self._driver.announce_clear(partition, version, self._origin, prefix, sig)
@@ -1276,8 +1286,9 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         self._ensure_listener()
         self._forget_local()
         try:
-            for partition in range(self._keys.partitions):
-                self._driver.unlink_partition(partition)
+            partitions = range(self._keys.partitions)
+            self._driver.unlink_partitions(partitions)
+            for partition in partitions:
                 version = self._clock.next()
                 sig = self._sign_message(b"", version, OP_CLEAR)
                 self._driver.announce_clear(partition, version, self._origin, sig=sig)
@@ -1298,11 +1309,10 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
     def _value_names(self) -> Iterator[bytes]:
         seen: set[bytes] = set()
         try:
-            for partition in range(self._keys.partitions):
-                for name in self._driver.scan_values(partition):
-                    if name not in seen:
-                        seen.add(name)
-                        yield name
+            for name in self._driver.scan_values_of(range(self._keys.partitions)):
+                if name not in seen:
+                    seen.add(name)
+                    yield name
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis scan failed: {err}") from err
 
