@@ -23,6 +23,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from tests.servers import _stop_and_check, pid_alive, wait_until
+from tiercache.cluster import CLUSTER_PARTITIONS
 from tiercache.server import HOST, RedisServer, _free_port, _pdeathsig_preexec
 
 SLOTS = 16384
@@ -169,6 +170,22 @@ class ClusterSet:
         kwargs.setdefault("socket_connect_timeout", 1.0)
         return RedisCluster(host=HOST, port=self.masters[0].port, **kwargs)
 
+    paused = False  # (the history runner asks, as of a RedisServer)
+    can_restart = False  # a node restarted empty would come back as a stranger to the cluster
+
+    @property
+    def partitions(self) -> int:
+        """The number of partitions a TieredCache uses on this cluster by default."""
+        return CLUSTER_PARTITIONS
+
+    def raw_view(self) -> ClusterRaw:
+        """A client with the few redis.Redis methods the model test uses, over every node."""
+        return ClusterRaw(self)
+
+    def kill_pubsub(self) -> int:
+        """CLIENT KILL TYPE pubsub on every live node; how many were killed."""
+        return sum(int(self.raw(s).client_kill_filter(_type="pubsub")) for s in self.live())
+
     def flushall(self) -> None:
         """Empty every live master (replicas follow)."""
         for s in self.live():
@@ -212,6 +229,50 @@ class ClusterSet:
             self.replicas.remove(promoted)
             self.masters.append(promoted)
         return promoted
+
+
+class ClusterRaw:
+    """``redis.Redis``-like access to a cluster for tests written for one server: routed GET,
+    CLIENT LIST of every node (one entry per client name, ids as ``port:id``), CLIENT KILL by
+    such an id, CLIENT KILL TYPE on every node, FLUSHALL of every master."""
+
+    def __init__(self, cluster: ClusterSet) -> None:
+        self._cluster = cluster
+        self._client = cluster.client()
+
+    def get(self, name: bytes) -> bytes | None:
+        """GET routed to the key's master."""
+        return self._client.get(name)  # type: ignore[no-any-return]
+
+    def client_list(self) -> list[dict[str, Any]]:
+        """Clients of every live node, the first connection of each name only."""
+        out: dict[str, dict[str, Any]] = {}
+        for s in self._cluster.live():
+            for c in self._cluster.raw(s).client_list():
+                c = dict(c, id=f"{s.port}:{c['id']}")
+                out.setdefault(str(c.get("name", "")) or c["id"], c)
+        return list(out.values())
+
+    def execute_command(self, *args: Any) -> Any:
+        """Only ``CLIENT KILL ID port:id``."""
+        if [str(a).upper() for a in args[:3]] != ["CLIENT", "KILL", "ID"]:
+            raise NotImplementedError(args)
+        port, _, cid = str(args[3]).partition(":")
+        server = next(s for s in self._cluster.live() if s.port == int(port))
+        return self._cluster.raw(server).execute_command("CLIENT", "KILL", "ID", cid)
+
+    def client_kill_filter(self, _type: str) -> int:
+        """CLIENT KILL TYPE on every node."""
+        assert _type == "pubsub"
+        return self._cluster.kill_pubsub()
+
+    def flushall(self) -> None:
+        """FLUSHALL on every master."""
+        self._cluster.flushall()
+
+    def close(self) -> None:
+        """Close the cluster client."""
+        self._client.close()
 
 
 class SentinelSet:
