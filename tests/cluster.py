@@ -145,6 +145,24 @@ class ClusterSet:
         wait_until(
             ok, timeout, interval=0.05, message="cluster_state ok", ignore=(redis.RedisError,)
         )
+        wait_until(
+            self._served,
+            timeout,
+            interval=0.05,
+            message="every slot served by a live master",
+            ignore=(redis.RedisError,),
+        )
+
+    def _served(self) -> bool:
+        """Whether every live node maps all 16384 slots to live masters."""
+        ports = {s.port for s in self.live()}
+        for s in self.live():
+            ranges = self.raw(s).execute_command("CLUSTER", "SLOTS")
+            if sum(end - start + 1 for start, end, *_ in ranges) != SLOTS:
+                return False
+            if any(int(primary[1]) not in ports for _, _, primary, *_ in ranges):
+                return False
+        return True
 
     def owner(self, slot: int) -> RedisServer:
         """The live master serving ``slot`` (as the nodes agree)."""
@@ -194,29 +212,45 @@ class ClusterSet:
 
     # -- faults --------------------------------------------------------------------------------
 
-    def migrate_slot(self, slot: int, target: RedisServer, batch: int = 100) -> None:
+    def migrate_slot(self, slot: int, target: RedisServer) -> None:
         """Move ``slot`` to ``target`` as redis-cli does: IMPORTING/MIGRATING, MIGRATE, NODE."""
         source = self.owner(slot)
         if source is target:
             return
-        src, dst = self.raw(source), self.raw(target)
-        src_id, dst_id = self.node_id(source), self.node_id(target)
-        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        self.begin_migration(slot, source, target)
+        self.move_keys(slot, source, target)
+        self.finish_migration(slot, source, target)
+
+    def begin_migration(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        """CLUSTER SETSLOT IMPORTING on the target, MIGRATING on the source."""
+        self.raw(target).execute_command(
+            "CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source)
+        )
+        self.raw(source).execute_command(
+            "CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target)
+        )
+
+    def move_keys(self, slot: int, source: RedisServer, target: RedisServer) -> int:
+        """MIGRATE every key of ``slot`` from source to target; how many."""
+        src = self.raw(source)
+        moved = 0
         deadline = time.monotonic() + 30.0
-        while True:
-            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
-            if not keys:
-                break
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             src.execute_command("MIGRATE", HOST, target.port, "", 0, 5000, "REPLACE", "KEYS", *keys)
+            moved += len(keys)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"slot {slot} did not drain in time")
-        dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-        src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
+    def finish_migration(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        """CLUSTER SETSLOT NODE on the target, the source, then the others."""
+        target_id = self.node_id(target)
+        self.raw(target).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.raw(source).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
         for s in self.live():
             if s not in (source, target):
                 with contextlib.suppress(redis.ResponseError):
-                    self.raw(s).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                    self.raw(s).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
     def kill_master_of(self, slot: int, timeout: float = 30.0) -> RedisServer:
         """SIGKILL the master of ``slot``; wait until a replica has taken over (state ok)."""
@@ -286,6 +320,7 @@ class SentinelSet:
         self.sentinels: list[subprocess.Popen[bytes]] = []
         self.sentinel_ports: list[int] = []
         self._dirs: list[Path] = []
+        self.paused = False  # (the history runner asks, as of a RedisServer)
 
     def start(self, timeout: float = 30.0) -> SentinelSet:
         """Start the data nodes, then the sentinels; wait until each sentinel sees the replica."""

@@ -615,7 +615,19 @@ class ShardedListener:
         for p, (before, counter) in audit.items():
             if counter < before or self._trackers[p].seq < counter:
                 self.audit_gaps += 1
+                self._check_owner(p)
                 self._resync(p, f"partition {p}: counter {counter}, applied {before}")
+
+    def _check_owner(self, p: int) -> None:
+        """After a loss in partition ``p``: if its slot has another master now, resubscribe."""
+        driver = self._driver
+        if not isinstance(driver, ClusterDriver):
+            return
+        driver.refresh_topology()
+        node = driver.owner(p)
+        link = next(lk for lk in self._links if p in lk.partitions)
+        if (node.host, node.port) != link.address:
+            raise TopologyChanged(f"partition {p} is served by {node.name} now")
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         p = self._channels.get(channel)
@@ -659,7 +671,8 @@ class ShardedListener:
             plan = None if current else []
         if plan is None:
             if self._synced_once:
-                self._handler.flush(f"partition {p}: continuity not provable from the log")
+                reason = f"partition {p}: continuity not provable from the log"
+                self._handler.flush(reason, keep_versions=True)  # type: ignore[call-arg]
             self._last[p] = None
         else:
             for inv in plan:

@@ -211,6 +211,7 @@ class FillGuard:
         self._gen = 0  # bumped by every invalidation and every loss of knowledge
         self._floor = 0  # tickets older than this may have missed a forgotten invalidation
         self._newest: OrderedDict[Hashable, int] = OrderedDict()
+        self._kept: OrderedDict[Hashable, int] = OrderedDict()  # see refuse_pending
 
     def ticket(self) -> int:
         """Taken before a read of Redis (or a load) that may end in a local install."""
@@ -232,9 +233,21 @@ class FillGuard:
         self._gen += 1
         self._floor = self._gen
         self._newest.clear()
+        self._kept.clear()
+
+    def refuse_pending(self) -> None:
+        """Refuse every pending read; from now on refuse, even to a fresh ticket, any version of
+        a key older than the newest known now (a promoted replica may serve what it missed)."""
+        self._gen += 1
+        self._floor = self._gen
+        self._kept.update(self._newest)
+        while len(self._kept) > self._max_keys:
+            self._kept.popitem(last=False)
 
     def admit(self, ticket: int, key: Hashable, version: int) -> bool:
         """Whether a value of ``version`` read under ``ticket`` may enter the local tier."""
+        if self._kept and version < self._kept.get(key, 0):
+            return False
         if ticket == self._gen:
             return True
         if ticket < self._floor:

@@ -544,16 +544,23 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         except Exception:
             log.exception("tiercache %r: a hook raised", self._keys.namespace)
 
-    def flush(self, reason: str) -> None:
-        """Messages were lost beyond the log: forget every local copy."""
+    def flush(self, reason: str, keep_versions: bool = False) -> None:
+        """Messages were lost beyond the log: forget every local copy.
+
+        ``keep_versions``: the newest version seen per key stays known, so an older value (from a
+        promoted replica that missed writes) never enters the local tier (tiercache.cluster).
+        """
         self._counters.add("flushes")
         self._warn(f"local tier flushed: {reason}")
-        self._forget_local()
+        self._forget_local(keep_versions)
         self._hook(self._on_resync, f"flushed: {reason}")
 
-    def _forget_local(self) -> None:
+    def _forget_local(self, keep_versions: bool = False) -> None:
         with self._guard.lock:
-            self._guard.forget_all()
+            if keep_versions:
+                self._guard.refuse_pending()
+            else:
+                self._guard.forget_all()
             self._l1.clear()
             for sub in list(self._subtiers.values()):
                 sub.local.clear()
