@@ -457,9 +457,9 @@ def cluster_with_replicas() -> Iterator[ClusterSet]:
         cluster.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def sentinel_set() -> Iterator[SentinelSet]:
-    """A fresh master + replica + 3 sentinels."""
+    """A master + replica + 3 sentinels for a test module (a failover test ends its use)."""
     s = SentinelSet().start()
     try:
         yield s

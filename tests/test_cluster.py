@@ -178,10 +178,10 @@ def _migrations(cluster: ClusterSet, cycles: int) -> Callable[[float, Timeline, 
 
     def inject(start_at: float, timeline: Timeline, namespace: str) -> None:
         for cycle in range(cycles):
-            _until(start_at + 1.5 + cycle * 4.0)
+            _until(start_at + 1.0 + cycle * 4.0)
             with timeline.fault("client-kill-pubsub"):
                 assert cluster.kill_pubsub() >= 4
-            hold(1.5)
+            hold(1.0)
             for slot in _hot_slots(namespace):
                 source = cluster.owner(slot)
                 target = next(m for m in cluster.masters if m is not source)
@@ -202,7 +202,7 @@ def test_history_cluster_migrations(
         shared_cluster,
         workers(4),
         tmp_path,
-        6.0,
+        4.5,
         _migrations(shared_cluster, 1),
         capsys,
         "cluster, migrations",
@@ -232,13 +232,11 @@ def test_history_cluster_migrations_long(
     )
 
 
-def _kill_masters(cluster: ClusterSet, count: int) -> Callable[[float, Timeline, str], None]:
+def _kill_master(cluster: ClusterSet, at: float) -> Callable[[float, Timeline, str], None]:
     def inject(start_at: float, timeline: Timeline, namespace: str) -> None:
-        for n in range(count):
-            _until(start_at + 1.5 + n * 6.0)
-            slot = _hot_slots(namespace)[0]
-            with timeline.fault("kill-master"):
-                cluster.kill_master_of(slot)
+        _until(start_at + at)
+        with timeline.fault("kill-master"):
+            cluster.kill_master_of(_hot_slots(namespace)[0])
 
     return inject
 
@@ -254,10 +252,32 @@ def test_history_cluster_master_killed(
         cluster_with_replicas,
         workers(4),
         tmp_path,
-        7.0,
-        _kill_masters(cluster_with_replicas, 1),
+        5.0,
+        _kill_master(cluster_with_replicas, 1.0),
         capsys,
         "cluster, master killed",
+        min_resyncs=1,
+    )
+
+
+@pytest.mark.slow
+def test_history_cluster_master_killed_long(
+    request: pytest.FixtureRequest,
+    cluster_with_replicas: ClusterSet,
+    workers: Callable[[int], list[CacheProcess]],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The same with 8 processes and 25 s of workload (most of it after the failover)."""
+    soak_only(request)
+    _run(
+        cluster_with_replicas,
+        workers(8),
+        tmp_path,
+        25.0,
+        _kill_master(cluster_with_replicas, 4.0),
+        capsys,
+        "cluster, master killed, long",
         min_resyncs=1,
     )
 
@@ -331,9 +351,9 @@ def test_sentinel_url_and_client(sentinel_set: SentinelSet) -> None:
     client.close()
 
 
-def _sentinel_failover(sentinel: SentinelSet) -> Callable[[float, Timeline, str], None]:
+def _sentinel_failover(sentinel: SentinelSet, at: float) -> Callable[[float, Timeline, str], None]:
     def inject(start_at: float, timeline: Timeline, namespace: str) -> None:
-        _until(start_at + 1.5)
+        _until(start_at + at)
         with timeline.fault("sentinel-failover"):
             sentinel.kill_master()
 
@@ -351,9 +371,34 @@ def test_history_sentinel_failover(
         sentinel_set,
         workers(4),
         tmp_path,
-        7.0,
-        _sentinel_failover(sentinel_set),
+        5.0,
+        _sentinel_failover(sentinel_set, 1.0),
         capsys,
         "sentinel failover",
         min_resyncs=1,
     )
+
+
+@pytest.mark.slow
+def test_history_sentinel_failover_long(
+    request: pytest.FixtureRequest,
+    workers: Callable[[int], list[CacheProcess]],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The same with 8 processes, 25 s of workload, on a set of its own."""
+    soak_only(request)
+    sentinel = SentinelSet().start()
+    try:
+        _run(
+            sentinel,
+            workers(8),
+            tmp_path,
+            25.0,
+            _sentinel_failover(sentinel, 4.0),
+            capsys,
+            "sentinel failover, long",
+            min_resyncs=1,
+        )
+    finally:
+        sentinel.stop()

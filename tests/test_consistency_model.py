@@ -518,7 +518,7 @@ def model_backend(request: pytest.FixtureRequest) -> Any:
 def test_tiered_cache_model(model_backend: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """Three TieredCache instances against the model on one real Redis or a cluster."""
     cluster = not isinstance(model_backend, RedisServer)
-    _run(model_backend, capsys, settings(SETTINGS, max_examples=12) if cluster else SETTINGS)
+    _run(model_backend, capsys, settings(SETTINGS, max_examples=8) if cluster else SETTINGS)
 
 
 @pytest.mark.slow
