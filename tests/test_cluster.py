@@ -23,6 +23,7 @@ from tests.history import CacheProcess, hold, key_space, soak_only
 from tests.servers import wait_until
 from tests.test_consistency_procs import DETECT, Timeline, _run, _until, workers  # noqa: F401
 from tiercache import TieredCache, tiered_cache
+from tiercache.bloom import BloomConfig
 from tiercache.cluster import ClusterDriver, SentinelDriver, ShardedListener
 from tiercache.keys import KeySpace, encode_key
 
@@ -122,6 +123,12 @@ def test_cluster_decorator_and_prefix_clear(shared_cluster: ClusterSet) -> None:
         fa.cache_clear()
         assert [fb(i) for i in range(20)] == [i * i for i in range(20)]
         assert len(calls) == 41, "cache_clear emptied every slot"
+
+
+def test_cluster_refuses_the_negative_filter(shared_cluster: ClusterSet) -> None:
+    """bloom= on a cluster is refused with a clear error (documented limit), not half-working."""
+    with pytest.raises(ValueError, match="not supported on Redis Cluster"):
+        TieredCache(shared_cluster.url, bloom=BloomConfig(1000), **OPTIONS)
 
 
 # -- slot migration ----------------------------------------------------------------------------

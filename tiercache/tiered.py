@@ -409,6 +409,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         else:
             client = redis
         self._driver = cluster_mod.open_driver(client, self._keys, log_maxlen=log_maxlen)
+        if bloom is not None and cluster_mod.is_cluster(client):
+            raise ValueError("bloom= is not supported on Redis Cluster yet (docs/cluster.md)")
         self._bloom = bloom.open(self._driver) if bloom is not None else None
         self._fresh_local_tier()
         _live_caches[id(self)] = self
