@@ -14,6 +14,7 @@ import os
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,15 @@ def _node_args(node_timeout_ms: int) -> list[str]:
 class ClusterSet:
     """A running cluster: ``masters`` primaries, each with ``replicas`` replicas."""
 
-    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 1000,
+        password: str | None = None,
+    ) -> None:
         self.node_timeout_ms = node_timeout_ms
+        self.password = password
         self.masters: list[RedisServer] = []
         self.replicas: list[RedisServer] = []
         self._want = (masters, replicas)
@@ -59,20 +67,24 @@ class ClusterSet:
         """Start every node, assign the slots evenly, attach the replicas; wait for state ok."""
         masters, replicas = self._want
         args = _node_args(self.node_timeout_ms)
+        if self.password is not None:
+            args += ["--masterauth", self.password]
         try:
             for _ in range(masters):
-                self.masters.append(RedisServer(bloom=False, extra_args=args, die_with_parent=True))
-                self.masters[-1].start()
+                self.masters.append(self._node(args))
             for _ in range(masters * replicas):
-                self.replicas.append(
-                    RedisServer(bloom=False, extra_args=args, die_with_parent=True)
-                )
-                self.replicas[-1].start()
+                self.replicas.append(self._node(args))
             self._wire(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _node(self, args: list[str]) -> RedisServer:
+        server = RedisServer(
+            bloom=False, extra_args=args, die_with_parent=True, password=self.password
+        )
+        return server.start()
 
     def _wire(self, timeout: float) -> None:
         nodes = self.masters + self.replicas
@@ -180,12 +192,16 @@ class ClusterSet:
     @property
     def url(self) -> str:
         """A ``redis+cluster://`` URL of the first master."""
-        return f"redis+cluster://{HOST}:{self.masters[0].port}"
+        auth = ""
+        if self.password is not None:
+            auth = ":" + urllib.parse.quote(self.password, safe="") + "@"
+        return f"redis+cluster://{auth}{HOST}:{self.masters[0].port}"
 
     def client(self, **kwargs: Any) -> RedisCluster:
         """A RedisCluster client with short timeouts."""
         kwargs.setdefault("socket_timeout", 2.0)
         kwargs.setdefault("socket_connect_timeout", 1.0)
+        kwargs.setdefault("password", self.password)
         return RedisCluster(host=HOST, port=self.masters[0].port, **kwargs)
 
     paused = False  # (the history runner asks, as of a RedisServer)

@@ -125,6 +125,28 @@ def test_cluster_decorator_and_prefix_clear(shared_cluster: ClusterSet) -> None:
         assert len(calls) == 41, "cache_clear emptied every slot"
 
 
+def test_cluster_auth_reaches_every_connection() -> None:
+    """A password in the URL reaches the data connections and every listener connection."""
+    cluster = ClusterSet(3, 0, password="s3cret:/@").start()
+    try:
+        url = cluster.url
+        assert "s3cret%3A%2F%40@" in url
+        ns = _ns("auth")
+        with (
+            TieredCache(url, namespace=ns, **OPTIONS) as a,
+            TieredCache(url, namespace=ns, **OPTIONS) as b,
+        ):
+            assert a.wait_ready(10) and b.wait_ready(10), "a listener failed to authenticate"
+            a["k"] = 1
+            assert b["k"] == 1
+            a["k"] = 2
+            wait_until(lambda: b["k"] == 2, 5.0, message="invalidation with AUTH")
+            links = _listener(b)._links
+            assert len(links) >= 2, "one subscriber connection per master"
+    finally:
+        cluster.stop()
+
+
 def test_cluster_refuses_the_negative_filter(shared_cluster: ClusterSet) -> None:
     """bloom= on a cluster is refused with a clear error (documented limit), not half-working."""
     with pytest.raises(ValueError, match="not supported on Redis Cluster"):
