@@ -39,19 +39,20 @@ CTX = mp.get_context("spawn")
 OPTIONS: dict[str, Any] = {"local_maxsize": 1000, "socket_timeout": 2.0, "startup_timeout": 10.0}
 
 
-def _worker(url: str, namespace: str, seed: int, start_at: float, seconds: float, q: Any) -> None:
-    """One process of the mixed workload: counts its operations between start_at and the end."""
+def _worker(url: str, namespace: str, seed: int, go: Any, seconds: float, q: Any) -> None:
+    """One process of the mixed workload: reports ready, waits for ``go``, counts operations."""
     from tiercache import TieredCache
 
     rng = random.Random(seed)
     keys = [f"k{i}" for i in range(N_KEYS)]
     with TieredCache(url, namespace=namespace, **OPTIONS) as cache:
         cache.wait_ready(10.0)
-        while time.time() < start_at:
-            time.sleep(0.001)
-        end = start_at + seconds
+        q.put(("ready", seed))
+        if not go.wait(120.0):
+            return
+        end = time.monotonic() + seconds
         ops = errors = 0
-        while time.time() < end:
+        while time.monotonic() < end:
             for _ in range(100):
                 k = keys[rng.randrange(N_KEYS)]
                 try:
@@ -62,22 +63,24 @@ def _worker(url: str, namespace: str, seed: int, start_at: float, seconds: float
                 except Exception:
                     errors += 1
                 ops += 1
-        q.put((ops, errors))
+        q.put(("done", (ops, errors)))
 
 
 def _throughput(url: str, label: str) -> dict[str, Any]:
     namespace = f"bench{os.getpid()}{len(label)}"
-    q = CTX.Queue()
-    start_at = time.time() + 4.0  # the processes import and connect meanwhile
+    q, go = CTX.Queue(), CTX.Event()
     procs = [
-        CTX.Process(target=_worker, args=(url, namespace, i, start_at, SECONDS, q))
-        for i in range(PROCS)
+        CTX.Process(target=_worker, args=(url, namespace, i, go, SECONDS, q)) for i in range(PROCS)
     ]
     for p in procs:
         p.start()
     try:
-        results = [q.get(timeout=SECONDS + 60) for _ in procs]
+        for _ in procs:  # every process imported, connected and subscribed
+            assert q.get(timeout=120)[0] == "ready"
+        go.set()
+        results = [q.get(timeout=SECONDS + 60)[1] for _ in procs]
     finally:
+        go.set()
         for p in procs:
             p.join(10)
             if p.is_alive():

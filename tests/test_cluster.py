@@ -431,3 +431,36 @@ def test_history_sentinel_failover_long(
         )
     finally:
         sentinel.stop()
+
+
+# -- URLs ------------------------------------------------------------------------------------
+
+
+def test_cluster_and_sentinel_urls_parse() -> None:
+    """Several hosts, percent-encoded credentials, IPv6, the service name and db are read."""
+    from tiercache.cluster import _hosts, is_cluster, is_sentinel, make_sentinel_client
+
+    assert _hosts("u%40x:p%3Aw@10.0.0.1:7000,[::1]:7001") == (
+        "u@x",
+        "p:w",
+        [("10.0.0.1", 7000), ("::1", 7001)],
+    )
+    assert _hosts("h:1") == (None, None, [("h", 1)])
+    with pytest.raises(ValueError, match="host:port"):
+        _hosts("nohostport")
+    assert is_cluster("redis+cluster://h:1") and is_cluster("REDISS+CLUSTER://h:1")
+    assert is_sentinel("redis+sentinel://h:1/svc") and not is_cluster("redis://h:1")
+    with pytest.raises(ValueError, match="names the service"):
+        make_sentinel_client(
+            "redis+sentinel://127.0.0.1:1", socket_timeout=0.1, connect_timeout=0.1, retries=0
+        )
+    client = make_sentinel_client(
+        "redis+sentinel://:pw@127.0.0.1:1/svc/3", socket_timeout=0.1, connect_timeout=0.1, retries=0
+    )
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["password"], kwargs["db"], client.connection_pool.service_name) == (
+        "pw",
+        3,
+        "svc",
+    )
+    client.close()
