@@ -9,7 +9,10 @@ bound, monotonic reads, read-your-writes, every process resynchronised.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -145,6 +148,26 @@ def test_cluster_auth_reaches_every_connection() -> None:
             assert len(links) >= 2, "one subscriber connection per master"
     finally:
         cluster.stop()
+
+
+def test_cluster_fleet_view(shared_cluster: ClusterSet) -> None:
+    """``tiercache stats --url redis+cluster://...`` reads the heartbeats on the cluster."""
+    ns = _ns("fleet")
+    with TieredCache(shared_cluster.url, namespace=ns, **OPTIONS) as cache:
+        assert cache.wait_ready(10)
+        cache.heartbeat()
+        command = [sys.executable, "-m", "tiercache", "stats", "--url", shared_cluster.url]
+        command += ["--namespace", ns, "--json"]
+        out = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+        assert out.returncode == 0, out.stderr
+        beats = json.loads(out.stdout)
+        assert [b["pid"] for b in beats] == [os.getpid()]
 
 
 def test_cluster_refuses_the_negative_filter(shared_cluster: ClusterSet) -> None:

@@ -489,10 +489,9 @@ class ShardedListener:
             try:
                 self._session()
             except (redis.RedisError, OSError, ValueError) as err:
+                self.disconnects += 1  # (stats()["disconnects"] counts resubscriptions too)
                 if isinstance(err, TopologyChanged):
                     self.resubscribes += 1
-                else:
-                    self.disconnects += 1
                 self._set_unhealthy(f"{type(err).__name__}: {err}")
                 log.debug("listener %s: %r", self._name, err)
             finally:
@@ -615,6 +614,7 @@ class ShardedListener:
         for p, (before, counter) in audit.items():
             if counter < before or self._trackers[p].seq < counter:
                 self.audit_gaps += 1
+                self.gaps += 1
                 self._check_owner(p)
                 self._resync(p, f"partition {p}: counter {counter}, applied {before}")
 
