@@ -418,6 +418,23 @@ class SentinelSet:
         """SIGKILL the master; wait until the sentinels promote the replica."""
         old = self.master.port
         self.master.kill()
+        self._await_promotion(old, timeout)
+
+    def failover(self, timeout: float = 30.0) -> None:
+        """``SENTINEL FAILOVER``: the replica is promoted, the old master turns replica (alive)."""
+        old = self.master.port
+        c = redis.Redis(host=HOST, port=self.sentinel_ports[0], socket_timeout=2.0)
+        c.execute_command("SENTINEL", "FAILOVER", self.service)
+        self._await_promotion(old, timeout)
+        wait_until(
+            lambda: self.replica.client().info("replication").get("master_link_status") == "up",
+            timeout,
+            interval=0.05,
+            message="the old master replicating from the new one",
+            ignore=(redis.RedisError,),
+        )
+
+    def _await_promotion(self, old: int, timeout: float) -> None:
         wait_until(
             lambda: self.current_master()[1] != old,
             timeout,
@@ -430,7 +447,9 @@ class SentinelSet:
             timeout,
             interval=0.05,
             message="replica is master",
+            ignore=(redis.RedisError,),
         )
+        self.master, self.replica = self.replica, self.master
 
     def stop(self) -> None:
         """Stop sentinels and data nodes by pid."""

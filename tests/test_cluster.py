@@ -28,6 +28,7 @@ from tests.test_consistency_procs import DETECT, Timeline, _run, _until, workers
 from tiercache import TieredCache, tiered_cache
 from tiercache.bloom import BloomConfig
 from tiercache.cluster import ClusterDriver, SentinelDriver, ShardedListener
+from tiercache.errors import CacheUnavailable
 from tiercache.keys import KeySpace, encode_key
 
 OPTIONS: dict[str, Any] = {
@@ -401,6 +402,37 @@ def test_sentinel_url_and_client(sentinel_set: SentinelSet) -> None:
         a["x"] = 2
         wait_until(lambda: b["x"] == 2, 5.0, message="invalidation through the master")
     client.close()
+
+
+def test_sentinel_graceful_failover_is_followed(sentinel_set: SentinelSet) -> None:
+    """SENTINEL FAILOVER leaves the old master running (as a replica): the audit sees the
+    sentinels name another master, the listener moves to it and resyncs."""
+    ns = _ns("grace")
+    with (
+        TieredCache(sentinel_set.url, namespace=ns, **OPTIONS) as writer,
+        TieredCache(sentinel_set.url, namespace=ns, **OPTIONS) as reader,
+    ):
+        assert writer.wait_ready(10) and reader.wait_ready(10)
+        writer["k"] = "v1"
+        assert reader["k"] == "v1"
+        before = _listener(reader).resubscribes
+        sentinel_set.failover()
+        wait_until(
+            lambda: _listener(reader).resubscribes > before and reader.stats()["local_usable"],
+            10.0,
+            message="the reader following the new master",
+        )
+        assert _listener(reader)._links[0].address == sentinel_set.current_master()
+
+        def write_v2() -> bool:
+            try:
+                writer["k"] = "v2"  # the writer's pool finds the new master after READONLY
+            except CacheUnavailable:
+                return False
+            return True
+
+        wait_until(write_v2, 10.0, message="the writer reaching the new master")
+        wait_until(lambda: reader["k"] == "v2", 5.0, message="invalidation from the new master")
 
 
 def _sentinel_failover(sentinel: SentinelSet, at: float) -> Callable[[float, Timeline, str], None]:
