@@ -244,6 +244,10 @@ class FillGuard:
         while len(self._kept) > self._max_keys:
             self._kept.popitem(last=False)
 
+    def superseded(self, key: Hashable, version: int) -> bool:
+        """Whether ``version`` is older than one kept by ``refuse_pending`` (a lost write)."""
+        return bool(self._kept) and version < self._kept.get(key, 0)
+
     def admit(self, ticket: int, key: Hashable, version: int) -> bool:
         """Whether a value of ``version`` read under ``ticket`` may enter the local tier."""
         if self._kept and version < self._kept.get(key, 0):

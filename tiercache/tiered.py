@@ -683,6 +683,8 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         except redis_lib.RedisError as err:
             return self._read_failed(err, key, encoded, slot, loader)
         hit = self._decode(raw, encoded) if raw is not None else None
+        if hit is not None and hit is not _REJECTED and self._guard.superseded(slot.guard, hit[0]):
+            hit = _REJECTED  # older than a write this process saw (a promoted replica lost it)
         if hit is not None and hit is not _REJECTED:
             self._counters.add("remote_hits")
             return self._serve(key, encoded, slot, ticket, hit, loader, ttl)
@@ -1167,6 +1169,12 @@ class TieredCache(TieredFront, MutableMapping):  # type: ignore[misc]
         missing = []
         for (key, encoded, slot), raw in zip(pending, raws, strict=True):
             hit = self._decode(raw, encoded) if raw is not None else None
+            if (
+                hit is not None
+                and hit is not _REJECTED
+                and self._guard.superseded(slot.guard, hit[0])
+            ):
+                hit = _REJECTED  # (see _read)
             if hit is None or hit is _REJECTED:
                 self._counters.add("misses")
                 missing.append(key)
