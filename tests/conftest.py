@@ -13,6 +13,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from tests.cluster import cluster_with_replicas, sentinel_set, shared_cluster  # noqa: E402
 from tests.proxy import proxy  # noqa: E402
 from tests.servers import (  # noqa: E402
     redis_bloom_server,
@@ -23,10 +24,13 @@ from tests.servers import (  # noqa: E402
 )
 
 __all__ = [
+    "cluster_with_replicas",
     "proxy",
     "redis_bloom_server",
     "redis_client",
     "redis_factory",
     "redis_server",
+    "sentinel_set",
+    "shared_cluster",
     "shared_redis",
 ]

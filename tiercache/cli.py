@@ -291,9 +291,12 @@ def _redact(url: str) -> str:
 def cmd_stats(args: argparse.Namespace) -> int:
     import redis
 
+    from .cluster import make_any_client
     from .metrics import fleet_rows, read_heartbeats
 
-    client = redis.Redis.from_url(args.url, socket_timeout=5, socket_connect_timeout=5)
+    client = make_any_client(
+        args.url, socket_timeout=5, connect_timeout=5, retries=1
+    ) or redis.Redis.from_url(args.url, socket_timeout=5, socket_connect_timeout=5)
 
     def rows() -> list[dict[str, Any]]:
         return fleet_rows(read_heartbeats(client, args.namespace))

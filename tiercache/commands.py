@@ -116,6 +116,8 @@ def _as_int(reply: Any) -> int:
 class Commands:
     """The calls of one namespace (``keys``); ``log_maxlen`` bounds each invalidation log."""
 
+    sharded = False  # a cluster: the write script publishes with SPUBLISH (tiercache.cluster)
+
     def __init__(self, keys: KeySpace, log_maxlen: int = 10_000) -> None:
         self.keys = keys
         self.log_maxlen = log_maxlen
@@ -158,6 +160,7 @@ class Commands:
             encoded,
             sig,
             ceiling,
+            *self._publish_arg(),
         )
         return Call("write", args, (counter, log, entry), write_result)
 
@@ -178,9 +181,17 @@ class Commands:
             prefix,
             sig,
             VERSION_LIMIT - 1,
+            *self._publish_arg(),
         )
         keys = (self.keys.counter(partition), self.keys.log(partition))
         return Call("write", args, keys, write_result)
+
+    def _publish_arg(self) -> tuple[str, ...]:
+        """The write script's ARGV[11]: "S" to publish with SPUBLISH (sharded pub/sub), else "P".
+
+        Always given, so scripts that extend the write (tiercache.tags) find theirs at ARGV[12].
+        """
+        return ("S",) if self.sharded else ("P",)
 
     def lease(
         self, encoded: bytes, token: bytes, ttl_ms: int, replace: bytes | None = None

@@ -35,8 +35,10 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Mut
 from typing import Any, NamedTuple, Protocol
 
 import redis as redis_lib
+from redis.cluster import RedisCluster
 
 from . import checks, writebehind
+from . import cluster as cluster_mod
 from . import server as server_mod
 from . import tags as tagmod
 from ._sentinel import MISSING
@@ -287,7 +289,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
 
     def __init__(
         self,
-        redis: str | redis_lib.Redis | None = None,
+        redis: str | redis_lib.Redis | RedisCluster | None = None,
         *,
         namespace: str = "tc",
         local_maxsize: int = 10_000,
@@ -321,7 +323,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         on_invalidate: Callable[[Any, int], None] | None = None,
         on_resync: Callable[[str], None] | None = None,
         heartbeat_interval: float = 5.0,
-        partitions: int = 1,
+        partitions: int | None = None,
         max_key_bytes: int = MAX_KEY_BYTES,
         timer: Callable[[], float] | None = None,
         tags: TagsArg = None,
@@ -340,6 +342,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
             raise ValueError(
                 "negative_ttl must be > 0, stale_ttl >= 0, 0 <= ttl_jitter < 1, xfetch_beta >= 0"
             )
+        partitions = cluster_mod.default_partitions(redis, partitions)
         self._keys = KeySpace(namespace, partitions, max_key_bytes)
         self._codec = resolve_codec(serializer)
         if self._codec.name == "pickle" and secret is None:
@@ -394,8 +397,8 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         self._clock = VersionClock()
         self._closed = False
         self._server: server_mod.RedisServer | None = None
-        self._owns_client = not isinstance(redis, redis_lib.Redis)
-        self._listener: Listener | None = None
+        self._owns_client = not isinstance(redis, (redis_lib.Redis, RedisCluster))
+        self._listener: Listener | cluster_mod.ShardedListener | None = None
         self._listener_lock = threading.Lock()
         self._last_warning = 0.0
 
@@ -405,7 +408,12 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
             redis = self._server.url
         if isinstance(redis, str):
             try:
-                client = make_client(
+                client = cluster_mod.make_any_client(
+                    redis,
+                    socket_timeout=socket_timeout,
+                    connect_timeout=connect_timeout,
+                    retries=retries,
+                ) or make_client(
                     redis,
                     socket_timeout=socket_timeout,
                     connect_timeout=connect_timeout,
@@ -415,7 +423,9 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
                 raise ValueError(_url_error(redis, err)) from None
         else:
             client = redis
-        self._driver = SyncDriver(client, self._keys, log_maxlen=log_maxlen)
+        self._driver = cluster_mod.open_driver(client, self._keys, log_maxlen=log_maxlen)
+        if bloom is not None and cluster_mod.is_cluster(client):
+            raise ValueError("bloom= is not supported on Redis Cluster yet (docs/cluster.md)")
         if self._server is None:  # (the embedded development server is not checked)
             checks.check_server(client, entries_expire=ttl is not None)
         tagmod.install_scripts(self._driver.commands)
@@ -444,7 +454,8 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
             return  # (a forked child has none: the at-fork hook dropped the parent's)
         with self._listener_lock:
             if self._listener is None and not self._closed:
-                self._listener = Listener(
+                make_listener = getattr(self._driver, "listener_class", lambda: Listener)
+                self._listener = make_listener()(
                     self._driver,
                     self,
                     partitions=range(self._keys.partitions),
@@ -566,16 +577,23 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         except Exception:
             log.exception("tiercache %r: a hook raised", self._keys.namespace)
 
-    def flush(self, reason: str) -> None:
-        """Messages were lost beyond the log: forget every local copy."""
+    def flush(self, reason: str, keep_versions: bool = False) -> None:
+        """Messages were lost beyond the log: forget every local copy.
+
+        ``keep_versions``: the newest version seen per key stays known, so an older value (from a
+        promoted replica that missed writes) never enters the local tier (tiercache.cluster).
+        """
         self._counters.add("flushes")
         self._warn(f"local tier flushed: {reason}")
-        self._forget_local()
+        self._forget_local(keep_versions)
         self._hook(self._on_resync, f"flushed: {reason}")
 
-    def _forget_local(self) -> None:
+    def _forget_local(self, keep_versions: bool = False) -> None:
         with self._guard.lock:
-            self._guard.forget_all()
+            if keep_versions:
+                self._guard.refuse_pending()
+            else:
+                self._guard.forget_all()
             self._tags.forget_all()
             self._l1.clear()
             for sub in list(self._subtiers.values()):
@@ -609,8 +627,9 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         self._ensure_listener()
         self._forget_prefix(prefix)
         try:
-            for partition in range(self._keys.partitions):
-                self._driver.unlink_partition(partition, self._keys.clip(prefix))
+            partitions = range(self._keys.partitions)
+            self._driver.unlink_partitions(partitions, self._keys.clip(prefix))
+            for partition in partitions:
                 version = self._clock.next()
                 sig = self._sign_message(prefix, version, OP_CLEAR_PREFIX)
                 self._driver.announce_clear(partition, version, self._origin, prefix, sig)
@@ -1496,8 +1515,9 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         self._ensure_listener()
         self._forget_local()
         try:
-            for partition in range(self._keys.partitions):
-                self._driver.unlink_partition(partition)
+            partitions = range(self._keys.partitions)
+            self._driver.unlink_partitions(partitions)
+            for partition in partitions:
                 version = self._clock.next()
                 sig = self._sign_message(b"", version, OP_CLEAR)
                 self._driver.announce_clear(partition, version, self._origin, sig=sig)
@@ -1518,11 +1538,10 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
     def _value_names(self) -> Iterator[bytes]:
         seen: set[bytes] = set()
         try:
-            for partition in range(self._keys.partitions):
-                for name in self._driver.scan_values(partition):
-                    if name not in seen:
-                        seen.add(name)
-                        yield name
+            for name in self._driver.scan_values_of(range(self._keys.partitions)):
+                if name not in seen:
+                    seen.add(name)
+                    yield name
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis scan failed: {err}") from err
 

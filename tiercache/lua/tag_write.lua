@@ -8,7 +8,7 @@
 -- key is made to live at least as long as the entry (ARGV[4] ms, 0: no expiry).
 -- op "G", a tag invalidation: KEYS[3] the tag key; the proposed version, above its "i" and "w"
 -- (so above every entry written with the tag), becomes its "i". A tag key made here expires
--- after ARGV[11] ms.
+-- after ARGV[12] ms.
 -- op "N", a namespace generation: KEYS[3] the generation key; the proposed version, above it,
 -- becomes it.
 
@@ -52,8 +52,8 @@ do
     local now = redis.call("TIME")
     local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
     redis.call("HSET", KEYS[3], "i", ARGV[2], "t", string.format("%.0f", now_us))
-    if pttl == -2 or (pttl >= 0 and pttl < tonumber(ARGV[11])) then
-      redis.call("PEXPIRE", KEYS[3], ARGV[11])
+    if pttl == -2 or (pttl >= 0 and pttl < tonumber(ARGV[12])) then
+      redis.call("PEXPIRE", KEYS[3], ARGV[12])
     end
   elseif t_op == "N" then
     local cur = tonumber(redis.call("GET", KEYS[3]) or "0")
