@@ -314,6 +314,16 @@ def test_delete_during_iteration_raises(policy: str) -> None:
     with pytest.raises(RuntimeError):
         for k in c2:
             c2[k + 100] = 0  # inserting too
+    c3 = LocalCache(8, policy=policy)
+    c3.update({i: i for i in range(5)})
+    with pytest.raises(RuntimeError):
+        for _ in c3:
+            c3.clear()  # and clearing
+    c4 = LocalCache(5, policy=policy)
+    c4.update({i: i for i in range(5)})
+    with pytest.raises(RuntimeError):
+        for k in c4:
+            c4[k + 100] = 0  # a full cache keeps its size, but never yields more than it had
 
 
 def test_iteration_skips_expired_entries(policy: str) -> None:
@@ -624,6 +634,51 @@ class _Colliding:
         return self is other
 
 
+class _FailingEq(_Colliding):
+    __hash__ = _Colliding.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        raise ZeroDivisionError("from __eq__")
+
+
+def test_key_eq_errors_propagate(policy: str) -> None:
+    """An exception from a colliding key's __eq__ reaches the caller of every lookup, as with a
+    dict, and leaves the cache as it was."""
+    c = LocalCache(4, policy=policy)
+    stored = _Colliding()
+    c[stored] = "stored"
+    probe = _FailingEq()
+    for op in (
+        lambda: c[probe],
+        lambda: c.get(probe),
+        lambda: probe in c,
+        lambda: c.entry(probe),
+        lambda: c.pop(probe, None),
+        lambda: c.__setitem__(probe, 1),
+        lambda: c.setdefault(probe, 1),
+    ):
+        with pytest.raises(ZeroDivisionError):
+            op()
+    assert list(c.items()) == [(stored, "stored")] and c[stored] == "stored"
+    assert_consistent(c)
+
+
+def test_many_colliding_keys(policy: str) -> None:
+    """Keys that all share one hash are told apart by ``==``, through growth and removals."""
+    c = LocalCache(50, policy=policy)
+    keys = [_Colliding() for _ in range(80)]
+    for i, k in enumerate(keys):
+        c[k] = i
+    live = [k for k in keys if k in c]
+    assert len(live) == len(c) == 50
+    for k in live[::2]:
+        del c[k]
+    for k in live[1::2]:
+        assert c[k] == keys.index(k)
+    assert all(k not in c for k in live[::2])
+    assert_consistent(c)
+
+
 @pytest.mark.timeout(60)
 def test_reentrant_mutation_from_key_eq_raises(policy: str) -> None:
     """A key's __eq__ that writes to the cache mid-write gets RuntimeError, not a deadlock."""
@@ -830,3 +885,76 @@ def test_gc_finalizer_mid_write_does_not_deadlock(policy: str) -> None:
     assert set(_CyclicFinalizer.outcomes) <= {"ok", "RuntimeError"}, _CyclicFinalizer.outcomes
     assert c.currbytes == 10 * len(c) <= 400
     assert_consistent(c)
+
+
+# -- cycles through the cache -------------------------------------------------------------------
+
+
+class _Node:
+    """A value or key that can point back at the cache."""
+
+    def __init__(self, n: int, sink: object) -> None:
+        self.n = n
+        self.cache: Any = None
+        self.payload = [n, "payload"]
+        self.sink = sink
+
+    def __hash__(self) -> int:
+        return hash(self.n)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Node) and other.n == self.n
+
+
+def _filled_with_cycles(policy: str, sink: object) -> LocalCache:
+    """A cache whose values and keys refer to it, each also holding ``sink``: a default-TTL
+    entry, a per-key TTL (heap) entry, a plain entry, a node key, and a tuple value (which the
+    collector cannot clear: the cache itself must let go of it)."""
+    c = LocalCache(8, policy=policy, ttl=100.0)
+    nodes = [_Node(i, sink) for i in range(4)]
+    for node in nodes:
+        node.cache = c
+    c["ring"] = nodes[0]
+    c.set("heap", nodes[1], ttl=50.0)
+    c.set("plain", nodes[2], ttl=math.inf)
+    c[nodes[3]] = "value of a node key"
+    c["tuple"] = (c, sink)
+    return c
+
+
+def test_cycle_through_values_and_keys_is_collected(policy: str) -> None:
+    """value -> cache -> entry -> value (and the same through a key) is garbage the cyclic
+    collector frees, whichever expiry structure the entry is in."""
+    sink = object()
+    base = sys.getrefcount(sink)
+    c = _filled_with_cycles(policy, sink)
+    assert sys.getrefcount(sink) == base + 5
+    del c
+    gc.collect()
+    assert sys.getrefcount(sink) == base  # everything that held it was freed
+
+
+def test_collector_keeps_what_is_reachable(policy: str) -> None:
+    """Values and keys in cycles with a live cache, or with an entry someone holds, survive
+    collections intact; the cycle is freed once the last outside reference goes."""
+    sink = object()
+    base = sys.getrefcount(sink)
+    c = _filled_with_cycles(policy, sink)
+    held = c.entry("heap")  # an outside reference to one entry only
+    gc.collect()
+    assert c["ring"].payload == [0, "payload"] and c["heap"].cache is c
+    assert sorted(k.n for k in c if isinstance(k, _Node)) == [3] and c["tuple"][0] is c
+    it = iter(c)  # an iteration in progress
+    next(it)
+    del c
+    gc.collect()
+    assert held is not None and held.value.payload == [1, "payload"]
+    cache = held.value.cache
+    assert cache["plain"].payload == [2, "payload"] and cache.entry("heap") is held
+    assert len(cache) == 5 and sys.getrefcount(sink) == base + 5
+    del cache, it
+    gc.collect()
+    assert held.value.cache["ring"].payload == [0, "payload"]
+    del held
+    gc.collect()
+    assert sys.getrefcount(sink) == base
