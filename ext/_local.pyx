@@ -17,7 +17,7 @@ What differs is how it stays thread-safe and small cheaply:
   linked after calling it). Every mutation runs under a GIL-protected owner flag, and keeps the
   structures consistent wherever Python code can run inside it (key ``__hash__``/``__eq__``, a
   Python timer, allocation triggering the garbage collector). Replaced and evicted values are
-  released after the flag is cleared.
+  released after the flag is cleared, and ``on_evict`` is called after that too.
 """
 
 cimport cython
@@ -28,6 +28,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport INT32_MAX, int32_t, uint64_t
 from libc.string cimport memset
 
+import logging
 import numbers
 import operator
 import sys
@@ -75,6 +76,10 @@ cdef extern from "<math.h>":
 
 cdef object _MISSING = object()
 POLICIES = ("lru", "lfu", "tinylfu")
+_log = logging.getLogger("tiercache.local")
+# The causes on_evict is told.
+cdef str SIZE = "size"
+cdef str EXPIRED = "expired"
 
 # W-TinyLFU layout (Caffeine's defaults) and its admission rule.
 cdef enum:
@@ -921,6 +926,15 @@ cdef Py_ssize_t heap_count_until(Heap* h, Py_ssize_t i, double now) noexcept:
 
 # -- the cache ----------------------------------------------------------------------------------
 
+cdef inline int _note(list notes, object key, object value, str cause) except -1:
+    """Add what on_evict is to be told to ``notes`` (None: no hook, nothing to keep)."""
+    if notes is not None:
+        notes.append(key)  # a flat list: appending allocates no object that the GC tracks
+        notes.append(value)
+        notes.append(cause)
+    return 0
+
+
 cdef double _check_ttl(object ttl) except? -1.0:
     """The TTL as seconds (``inf`` for never); ``ValueError`` unless positive."""
     if ttl is None:
@@ -966,6 +980,7 @@ cdef class LocalCache:
     cdef Py_ssize_t _bytes
     cdef unsigned long long _hits, _misses, _evictions, _expirations
     cdef size_t _owner  # thread state holding the mutation flag, 0 when free
+    cdef object _on_evict  # None, or told (key, value, cause) of what the cache lets go
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -993,6 +1008,7 @@ cdef class LocalCache:
         getsizeof=None,
         timer=None,
         seed=0,
+        on_evict=None,
     ):
         if self._table.used:
             self.clear()  # initialised again: its entries may not fit the new configuration
@@ -1007,8 +1023,11 @@ cdef class LocalCache:
                 raise ValueError(f"maxbytes must be > 0 or None, not {maxbytes}")
             if getsizeof is None:
                 getsizeof = sys.getsizeof
+        if on_evict is not None and not callable(on_evict):
+            raise TypeError(f"on_evict must be callable or None, not {type(on_evict).__name__}")
         self._maxsize = maxsize
         self._policy_name = policy
+        self._on_evict = on_evict
         self._ttl = _check_ttl(ttl)
         self._maxbytes = maxbytes
         self._maxbytes_c = -1 if maxbytes is None else maxbytes
@@ -1124,6 +1143,7 @@ cdef class LocalCache:
 
     cdef bint _hit(self, Entry e) except -1:
         """Count a use of ``e`` if it is live (True), else remove it as expired (False)."""
+        cdef bint removed = False
         if e.expires == INF or self._now() < e.expires:
             if e.link.prev != NULL:  # not removed while a Python timer ran
                 self._policy.touch(e)
@@ -1134,8 +1154,11 @@ cdef class LocalCache:
             if e.link.prev != NULL:
                 self._remove(e)
                 self._expirations += 1
+                removed = True
         finally:
             self._unlock()
+        if removed and self._on_evict is not None:
+            self._notify([e.key, e.value, EXPIRED])
         return False
 
     def __contains__(self, key):
@@ -1231,11 +1254,25 @@ cdef class LocalCache:
         cdef unsigned long long v = operator.index(version)
         self._set(key, value, self._ttl if ttl is None else _check_ttl(ttl), v, fresh_until)
 
-    cdef object _set(
+    cdef inline object _set(
         self, object key, object value, double seconds, unsigned long long version,
         double fresh_until, bint only_if_absent=False,
     ):
-        """Store ``value`` (or, ``only_if_absent``, keep a live value); return the one stored."""
+        """Store ``value`` (or, ``only_if_absent``, keep a live value); return the one stored.
+        Then tell ``on_evict`` what the write let go."""
+        if self._on_evict is None:
+            return self._store(key, value, seconds, version, fresh_until, only_if_absent, None)
+        cdef list notes = []
+        try:
+            return self._store(key, value, seconds, version, fresh_until, only_if_absent, notes)
+        finally:
+            self._notify(notes)
+
+    cdef object _store(
+        self, object key, object value, double seconds, unsigned long long version,
+        double fresh_until, bint only_if_absent, list notes,
+    ):
+        """``_set`` under the flag; what it lets go is added to ``notes`` (unless None)."""
         cdef Py_ssize_t weight = 0
         cdef object too_heavy = None  # (only_if_absent) raised only if the value would be stored
         if self._getsizeof is not None:
@@ -1262,6 +1299,7 @@ cdef class LocalCache:
                     if too_heavy is not None:
                         raise too_heavy
                 self._evictions += 1
+                _note(notes, key, value, SIZE)  # the value written is evicted at once
                 return value
             h = key_hash(key)
             p = table_lookup(&self._table, <PyObject*>key, h)  # may run Python code (``==``)
@@ -1278,7 +1316,7 @@ cdef class LocalCache:
                     self._set_expiry(old, expires, default_ttl)
                     self._policy.touch(old)
                     if self._over():
-                        evicted = self._shrink(old)
+                        evicted = self._shrink(old, notes)
                     return value
                 if only_if_absent:
                     self._misses += 1
@@ -1287,6 +1325,7 @@ cdef class LocalCache:
                 self._remove(old)  # an expired entry is replaced by a new one, not updated
                 self._expirations += 1
                 replaced = old
+                _note(notes, old.key, old.value, EXPIRED)
             else:
                 if only_if_absent:
                     self._misses += 1
@@ -1315,6 +1354,7 @@ cdef class LocalCache:
                         self._describe(e, weight, version, fresh_until)
                         ring_move_front(&self._lru.ring, &e.link)
                         self._evictions += 1
+                        _note(notes, evicted, replaced, SIZE)
                         self._set_expiry(e, expires, default_ttl)
                         return value
             e = new_entry(key, h, value, self._rich)
@@ -1329,7 +1369,7 @@ cdef class LocalCache:
             self._bytes += weight
             self._set_expiry(e, expires, default_ttl)
             if self._over():
-                evicted = self._shrink(e)
+                evicted = self._shrink(e, notes)
         finally:
             self._unlock()
         return value
@@ -1371,22 +1411,24 @@ cdef class LocalCache:
             self._maxbytes_c >= 0 and self._bytes > self._maxbytes_c
         )
 
-    cdef object _shrink(self, Entry protect):
+    cdef object _shrink(self, Entry protect, list notes):
         """Evict until both bounds hold: expired entries first, then the policy's victims.
 
-        Returns what was dropped (None, an Entry or a list) for the caller to release later.
+        Returns what was dropped (None, an Entry or a list) for the caller to release later;
+        ``notes`` (unless None) gets what on_evict is to be told.
         """
         cdef object dropped = None
         cdef Entry victim
         if self._expiring():
             dropped = []
-            self._purge_expired(self._now(), dropped)
+            self._purge_expired(self._now(), dropped, notes)
         while self._over():
             victim = self._policy.evict(protect)
             if victim is None:
                 break
             self._remove(victim)
             self._evictions += 1
+            _note(notes, victim.key, victim.value, SIZE)
             if dropped is None:
                 dropped = victim
             elif type(dropped) is list:
@@ -1429,6 +1471,8 @@ cdef class LocalCache:
                 self._expirations += 1
         finally:
             self._unlock()
+        if e is not None and self._on_evict is not None:  # it had expired
+            self._notify([e.key, e.value, EXPIRED])
         if default is _MISSING:
             raise KeyError(key)
         return default
@@ -1436,18 +1480,22 @@ cdef class LocalCache:
     def popitem(self):
         """Remove and return the policy's victim as ``(key, value)``."""
         cdef list dropped = []
+        cdef list notes = None if self._on_evict is None else []
         cdef Entry victim
-        self._lock()
         try:
-            if self._expiring():
-                self._purge_expired(self._now(), dropped)
-            victim = self._policy.evict(None)
-            if victim is None:
-                raise KeyError("popitem(): cache is empty")
-            self._remove(victim)
-            return victim.key, victim.value
+            self._lock()
+            try:
+                if self._expiring():
+                    self._purge_expired(self._now(), dropped, notes)
+                victim = self._policy.evict(None)
+                if victim is None:
+                    raise KeyError("popitem(): cache is empty")
+                self._remove(victim)
+                return victim.key, victim.value
+            finally:
+                self._unlock()
         finally:
-            self._unlock()
+            self._notify(notes)
 
     def setdefault(self, key, default=None):
         """The value of ``key`` (counted as a use); if absent, store and return ``default``."""
@@ -1481,6 +1529,13 @@ cdef class LocalCache:
     cdef Table _take_entries(self, _Policy policy) noexcept:
         """Empty the cache (but for statistics) with a new ``policy``, and return its former
         table, whose entries no longer link to anything: releasing it is the caller's."""
+        cdef Table old = self._detach_table()
+        self._set_policy(policy)
+        return old
+
+    cdef Table _detach_table(self) noexcept:
+        """Leave the cache with no entries and return its former table, whose entries no longer
+        link to anything (its policy still has them in its rings: it must be replaced)."""
         cdef Table old = self._table
         cdef Py_ssize_t pos = 0
         cdef PyObject* p
@@ -1502,17 +1557,33 @@ cdef class LocalCache:
         self._heap.size = 0
         ring_init(&self._ttl_ring)
         self._bytes = 0
-        self._set_policy(policy)
         return old
 
     def expire(self):
         """Remove every expired entry now; return how many were removed."""
         cdef list dropped = []
-        self._lock()
+        cdef list notes = None if self._on_evict is None else []
         try:
-            return self._purge_expired(self._now(), dropped)
+            self._lock()
+            try:
+                return self._purge_expired(self._now(), dropped, notes)
+            finally:
+                self._unlock()
         finally:
-            self._unlock()
+            self._notify(notes)
+
+    cdef int _notify(self, list notes) except -1:
+        """Tell ``on_evict`` what a mutation let go; called once the flag is cleared."""
+        cdef Py_ssize_t i
+        cdef object hook = self._on_evict
+        if hook is None or not notes:
+            return 0
+        for i in range(0, len(notes), 3):
+            try:
+                hook(notes[i], notes[i + 1], notes[i + 2])
+            except Exception:
+                _log.exception("LocalCache on_evict hook raised (cause %s)", notes[i + 2])
+        return 0
 
     # -- expiry -------------------------------------------------------------------------------
 
@@ -1565,7 +1636,7 @@ cdef class LocalCache:
         elif e.exp.heap.pos != 0:
             heap_remove(&self._heap, e)
 
-    cdef Py_ssize_t _purge_expired(self, double now, list dropped) except -1:
+    cdef Py_ssize_t _purge_expired(self, double now, list dropped, list notes) except -1:
         cdef Entry e
         cdef Link* oldest
         cdef Py_ssize_t removed = 0
@@ -1576,11 +1647,13 @@ cdef class LocalCache:
             e = <Entry>entry_of_tlink(oldest)
             self._remove(e)
             dropped.append(e)
+            _note(notes, e.key, e.value, EXPIRED)
             removed += 1
         while self._heap.size != 0 and self._heap.items[1].expires <= now:
             e = <Entry>self._heap.items[1].entry
             self._remove(e)
             dropped.append(e)
+            _note(notes, e.key, e.value, EXPIRED)
             removed += 1
         self._expirations += removed
         return removed
@@ -1630,6 +1703,11 @@ cdef class LocalCache:
     def timer(self):
         """The clock TTLs are measured on."""
         return self._timer_public
+
+    @property
+    def on_evict(self):
+        """The hook told about evicted and expired entries, or None."""
+        return self._on_evict
 
     def stats(self):
         """Counters since creation: hits, misses, evictions, expirations, and the sizes."""
@@ -1702,11 +1780,11 @@ cdef int _traverse_cache(PyObject* o, visitproc visit, void* arg) noexcept:
 
 
 cdef int _clear_cache(PyObject* o) noexcept:
-    _clear_fields(o)  # drops the policy, whose rings link the entries, among the rest
-    (<LocalCache>o)._heap.size = 0
-    ring_init(&(<LocalCache>o)._ttl_ring)
-    (<LocalCache>o)._bytes = 0
-    table_release(&(<LocalCache>o)._table)  # the references that make the cycles
+    # The table is detached before its references go (which may run Python code): anything
+    # that still reaches the cache then finds it empty, not entries being freed.
+    cdef Table old = (<LocalCache>o)._detach_table()
+    _clear_fields(o)  # drops the policy, whose rings linked the entries, among the rest
+    table_release(&old)  # the references that make the cycles
     return 0
 
 
