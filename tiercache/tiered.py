@@ -198,6 +198,19 @@ def _user_key(encoded: bytes) -> Any:
         return encoded
 
 
+def _local_evict_hook(hook: Callable[[Any, Any, str], None]) -> Callable[[Any, Any, str], None]:
+    """The local tier's on_evict for a user's ``hook(key, value, cause)``: user keys, values only
+    (a cached absence is not one). It holds no reference to the cache, so makes no cycle."""
+    if not callable(hook):
+        raise TypeError(f"on_evict must be callable or None, not {type(hook).__name__}")
+
+    def evicted(lkey: Hashable, value: Any, cause: str) -> None:
+        if value is not MISSING:
+            hook(lkey if type(lkey) is str else _user_key(lkey), value, cause)  # type: ignore[arg-type]
+
+    return evicted
+
+
 def _encoded_local(lkey: Hashable) -> bytes:
     """The encoding behind a main-tier local key (the inverse of ``local_key``)."""
     return encode_key(lkey) if type(lkey) is str else lkey  # type: ignore[return-value]
@@ -322,6 +335,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         on_write_error: str = "raise",
         on_invalidate: Callable[[Any, int], None] | None = None,
         on_resync: Callable[[str], None] | None = None,
+        on_evict: Callable[[Any, Any, str], None] | None = None,
         heartbeat_interval: float = 5.0,
         partitions: int | None = None,
         max_key_bytes: int = MAX_KEY_BYTES,
@@ -375,6 +389,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         self._on_write_error = on_write_error
         self._on_invalidate = on_invalidate
         self._on_resync = on_resync
+        self._l1_on_evict = None if on_evict is None else _local_evict_hook(on_evict)
         self._heartbeat_interval = heartbeat_interval
         self._last_heartbeat = 0.0
         self._lags = _Window()  # invalidation lag (ms): Redis time of the write to its arrival
@@ -444,7 +459,7 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
     # -- set-up ---------------------------------------------------------------------------------
 
     def _fresh_local_tier(self) -> None:
-        self._l1 = LocalCache(self._local_maxsize, **self._l1_args)
+        self._l1 = LocalCache(self._local_maxsize, on_evict=self._l1_on_evict, **self._l1_args)
         self._guard = FillGuard()
         self._tags = TagState()  # the tag versions known here, the local copies' tags
         self._front_init(self._l1)
