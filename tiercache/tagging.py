@@ -157,8 +157,7 @@ class TaggingMixin:
         except redis_lib.RedisError as err:
             with self._guard.lock:  # the outcome is unknown: no local copy with the tag stays
                 for partition in range(self._keys.partitions):
-                    for l1, lkey in self._tags.bump(partition, tag, None):
-                        l1.pop(lkey, None)
+                    self._tags.bump(partition, tag, None)
             raise CacheUnavailable(f"Redis tag invalidation of {tag!r} failed: {err}") from err
 
     def _tag_invalidated(self, key: bytes, version: int | None) -> None:
@@ -168,8 +167,7 @@ class TaggingMixin:
         except ValueError:
             return
         with self._guard.lock:
-            for l1, lkey in self._tags.bump(partition, tag, version):
-                l1.pop(lkey, None)
+            self._tags.bump(partition, tag, version)
 
     def _tags_valid(self, version: int, ext: Ext) -> bool:
         """Whether a value of ``version`` read from Redis is still valid for all its tags."""

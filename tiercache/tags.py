@@ -286,16 +286,11 @@ class TagState:
         """Stop trusting what is known of a tag (the next read fetches it)."""
         self._known.pop((partition, tag), None)
 
-    def bump(self, partition: int, tag: str, version: int | None) -> list[tuple[Any, Hashable]]:
-        """A tag was invalidated at ``version`` (None: unknown): the local copies to drop."""
+    def bump(self, partition: int, tag: str, version: int | None) -> int:
+        """A tag was invalidated at ``version`` (None: unknown): drop its local copies, then note
+        the version, so that whoever sees the version known finds the copies gone. Returns how
+        many were dropped. The caller holds the lock that local installs take."""
         key = (partition, tag)
-        if version is None:
-            self._known.pop(key, None)
-        else:
-            self._known[key] = max(version, self._known.get(key, -1))
-            self._known.move_to_end(key)
-            if len(self._known) > self._max_tags:
-                self._known.popitem(last=False)
         drop = []
         keep = set()
         for guard in self._by_tag.pop(key, ()):
@@ -310,7 +305,16 @@ class TagState:
                 keep.add(guard)
         if keep:
             self._by_tag[key] = keep
-        return drop
+        for l1, lkey in drop:
+            l1.pop(lkey, None)
+        if version is None:
+            self._known.pop(key, None)
+        else:
+            self._known[key] = max(version, self._known.get(key, -1))
+            self._known.move_to_end(key)
+            if len(self._known) > self._max_tags:
+                self._known.popitem(last=False)
+        return len(drop)
 
     def admit(self, partition: int, tags: tuple[str, ...], version: int) -> bool:
         """Whether a value of ``version`` with ``tags`` may enter the local tier."""
