@@ -525,8 +525,10 @@ class TieredCache(TaggingMixin, TieredFront, MutableMapping):  # type: ignore[mi
         self._counters.add("invalidations_received")
         now_us = self._clock.now_us()
         plausible = msg.version <= now_us + _MAX_CLOCK_LEAD_US
-        if msg.origin != self._origin and msg.version <= now_us:
-            self._lags.add((now_us - msg.version) / 1000.0)  # versions are Redis microseconds
+        if msg.origin != self._origin and msg.version <= now_us + _FLOOR_LEAD_US:
+            # Versions are Redis microseconds; this clock's offset to Redis time is an estimate,
+            # so a version slightly ahead of it counts as no lag rather than as no sample.
+            self._lags.add(max(0.0, (now_us - msg.version) / 1000.0))
         if self._signer is not None and not self._signer.verify_message(
             msg.key, msg.version, msg.op, msg.origin, msg.sig
         ):
