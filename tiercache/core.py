@@ -30,6 +30,7 @@ from .envelope import (
     COMPRESSION_SHIFT,
     FLAG_ABSENT,
     FLAG_NOT_A_VALUE,
+    FLAG_TOMBSTONE,
     FORMAT,
     HEADER,
     HEADER_SIZE,
@@ -324,6 +325,39 @@ class CacheCore:
         self._bloom: Any = None
 
     # -- writes: the decisions around the write script --------------------------------------
+
+    def _set_envelope(
+        self, key: Hashable, value: Any, ttl: float | None
+    ) -> tuple[bytes, _Slot, Envelope]:
+        """(encoded key, local slot, envelope) of a write; a value that cannot be stored raises."""
+        if ttl is not None and not ttl > 0:
+            raise ValueError("ttl must be > 0 or None")
+        encoded = encode_key(key)
+        slot = self._slot(key, encoded)
+        payload, flags = self._payload(value)  # a value that cannot be stored changes nothing
+        ttl = self._ttl if ttl is None else ttl
+        version = self._clock.next(after=self._guard.newest(slot.guard))
+        return encoded, slot, self._envelope(payload, ttl, version, 0.0, flags)
+
+    def _set_done(
+        self, ticket: int, slot: _Slot, applied: WriteResult, env: Envelope, value: Any
+    ) -> None:
+        """A write applied: install the written value locally."""
+        self._counters.add("writes")
+        fresh = self._local_fresh(env)
+        if fresh > 0:
+            # Admitted like a read: a flush or a newer write since the write began wins.
+            self._install(ticket, slot, applied.version, fresh, value)
+
+    def _delete_envelope(self, key: Hashable) -> tuple[bytes, _Slot, Envelope, bool]:
+        """(encoded key, local slot, tombstone, whether a local copy existed) of a delete."""
+        encoded = encode_key(key)
+        slot = self._slot(key, encoded)
+        local = slot.l1.peek(slot.key, _NOT_LOCAL)
+        was_local = local is not _NOT_LOCAL and local is not MISSING
+        version = self._clock.next(after=self._guard.newest(slot.guard))
+        env = self._envelope(b"", self._tombstone_ttl, version, 0.0, flags=FLAG_TOMBSTONE)
+        return encoded, slot, env, was_local
 
     def _write_retry(self, result: WriteResult, env: Envelope) -> Envelope:
         """A concurrent writer holds a newer version: the envelope to try again with."""

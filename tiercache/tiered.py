@@ -53,7 +53,6 @@ from .core import (  # noqa: F401  (importable from here too)
 )
 from .driver import LeaseResult, SyncDriver, make_client
 from .envelope import (
-    FLAG_TOMBSTONE,
     HEADER_SIZE,
     Envelope,
 )
@@ -720,14 +719,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
 
     def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
         """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here."""
-        if ttl is not None and not ttl > 0:
-            raise ValueError("ttl must be > 0 or None")
-        encoded = encode_key(key)
-        slot = self._slot(key, encoded)
-        payload, flags = self._payload(value)  # a value that cannot be stored changes nothing
-        ttl = self._ttl if ttl is None else ttl
-        version = self._clock.next(after=self._guard.newest(slot.guard))
-        env = self._envelope(payload, ttl, version, 0.0, flags)
+        encoded, slot, env = self._set_envelope(key, value, ttl)
         self._ensure_listener()
         if self._bloom is not None:  # before the value exists anywhere
             try:
@@ -736,13 +728,8 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
                 raise CacheUnavailable(f"Redis write of {key!r} failed: {err}") from err
         ticket = self._guard.ticket()
         applied = self._write(key, encoded, slot, OP_SET, env)
-        if applied is None:
-            return
-        self._counters.add("writes")
-        fresh = self._local_fresh(env)
-        if fresh > 0:
-            # Admitted like a read: a flush or a newer write since the write began wins.
-            self._install(ticket, slot, applied.version, fresh, value)
+        if applied is not None:
+            self._set_done(ticket, slot, applied, env, value)
 
     def _write(self, key: Hashable, encoded: bytes, slot: _Slot, op: str, env: Envelope) -> Any:
         """Run the write script for ``op``; the local copy is dropped before, and after a failure.
@@ -779,12 +766,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         return self._delete(key)
 
     def _delete(self, key: Hashable) -> bool:
-        encoded = encode_key(key)
-        slot = self._slot(key, encoded)
-        local = slot.l1.peek(slot.key, _NOT_LOCAL)
-        was_local = local is not _NOT_LOCAL and local is not MISSING
-        version = self._clock.next(after=self._guard.newest(slot.guard))
-        env = self._envelope(b"", self._tombstone_ttl, version, 0.0, flags=FLAG_TOMBSTONE)
+        encoded, slot, env, was_local = self._delete_envelope(key)
         self._ensure_listener()
         result = self._write(key, encoded, slot, OP_DELETE, env)
         if result is None:
