@@ -27,6 +27,26 @@ CALL_DEADLINE = 60.0  # no call of a test waits longer than this for the loop
 _MISS: Any = object()
 
 
+def _as_caller(loader: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``loader``, run (in the cache's worker thread) under its caller's thread name.
+
+    TieredCache calls a loader in the calling thread; tests tell callers apart by thread name.
+    """
+    if asyncio.iscoroutinefunction(loader):
+        return loader
+    name = threading.current_thread().name
+
+    def call(key: Any) -> Any:
+        thread = threading.current_thread()
+        own, thread.name = thread.name, name
+        try:
+            return loader(key)
+        finally:
+            thread.name = own
+
+    return call
+
+
 class LoopThread:
     """A private event loop running in a daemon thread, with loop errors recorded."""
 
@@ -122,7 +142,7 @@ class SyncFacade(MutableMapping):  # type: ignore[type-arg]
         return self._run(self.impl.invalidate(key))
 
     def get_or_load(self, key: Any, loader: Callable[[Any], Any], ttl: float | None = None) -> Any:
-        return self._run(self.impl.get_or_load(key, loader, ttl))
+        return self._run(self.impl.get_or_load(key, _as_caller(loader), ttl))
 
     def get_many(self, keys: Any) -> dict[Any, Any]:
         return self._run(self.impl.get_many(keys))

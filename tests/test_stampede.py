@@ -37,6 +37,7 @@ import pytest
 import redis
 
 import tiercache
+from tests.aio_facade import make_cache
 from tests.servers import RedisServer, wait_until
 from tiercache import MISSING, TieredCache
 from tiercache.envelope import FLAG_LEASE, EnvelopeError, unpack
@@ -369,7 +370,8 @@ class _WorkerState:
     def run(self, name: str, args: tuple[Any, ...]) -> Any:
         if name == "open":
             url, options = args
-            self.cache = TieredCache(url, **options)
+            options = dict(options)
+            self.cache = make_cache(options.pop("impl", "sync"), url, **options)
             if not self.cache.wait_ready(15):
                 raise TimeoutError("the worker's cache did not become ready")
             return os.getpid()
@@ -527,14 +529,15 @@ def tiercache_threads(baseline: set[threading.Thread]) -> list[threading.Thread]
 
 
 @contextlib.contextmanager
-def cache_factory(url: str) -> Iterator[Factory]:
-    """``make(**options)``: ready TieredCache instances on ``url``, closed (threads checked)."""
+def cache_factory(url: str, impl: str = "sync") -> Iterator[Factory]:
+    """``make(**options)``: ready caches on ``url`` (``impl``: tests.aio_facade.make_cache),
+    closed (threads checked)."""
     baseline = set(threading.enumerate())
     made: list[TieredCache] = []
 
     def factory(**kwargs: Any) -> TieredCache:
         kwargs.setdefault("health_timeout", 5.0)
-        cache = TieredCache(url, **kwargs)
+        cache = make_cache(impl, url, **kwargs)
         made.append(cache)
         assert cache.wait_ready(10), "the invalidation channel never became ready"
         return cache
@@ -548,8 +551,8 @@ def cache_factory(url: str) -> Iterator[Factory]:
 
 
 @pytest.fixture
-def make(redis_client: redis.Redis, shared_redis: RedisServer) -> Iterator[Factory]:
-    with cache_factory(shared_redis.url) as factory:
+def make(redis_client: redis.Redis, shared_redis: RedisServer, impl: str) -> Iterator[Factory]:
+    with cache_factory(shared_redis.url, impl) as factory:
         yield factory
 
 
@@ -808,7 +811,7 @@ def test_a_waiter_whose_leader_is_stuck_loads_itself_after_lease_wait(
 
 
 def test_single_flight_holds_when_redis_fails_the_read(
-    redis_factory: Callable[..., RedisServer],
+    redis_factory: Callable[..., RedisServer], impl: str
 ) -> None:
     """With Redis down, concurrent misses of one key in one process still share one load.
 
@@ -823,8 +826,8 @@ def test_single_flight_holds_when_redis_fails_the_read(
         time.sleep(0.3)  # the origin's latency
         return "from origin"
 
-    with cache_factory(server.url) as make_cache:
-        c = make_cache(connect_timeout=0.2, socket_timeout=0.2)
+    with cache_factory(server.url, impl) as factory:
+        c = factory(connect_timeout=0.2, socket_timeout=0.2)
         server.stop()
         callers = [Background(lambda: c.get_or_load("k", loader)) for _ in range(8)]
         assert [x.result() for x in callers] == ["from origin"] * 8
@@ -912,7 +915,7 @@ def _worker_results(ws: list[Worker], timeout: float) -> list[tuple[str, Any, fl
 
 
 def test_cold_key_stampede_across_8_processes_runs_the_loader_once(
-    workers: Any, shared_redis: RedisServer, truth: Truth, redis_client: redis.Redis
+    workers: Any, shared_redis: RedisServer, truth: Truth, redis_client: redis.Redis, impl: str
 ) -> None:
     """8 processes x 4 threads ask for one cold key at once; the loader takes 200 ms.
 
@@ -923,7 +926,7 @@ def test_cold_key_stampede_across_8_processes_runs_the_loader_once(
     start, go = workers
     ws = [start(f"W{i}") for i in range(8)]
     for w in ws:
-        w.send("open", shared_redis.url, {"health_timeout": 5.0})
+        w.send("open", shared_redis.url, {"health_timeout": 5.0, "impl": impl})
     for w in ws:
         w.receive(60)
     loader = TruthLoader(shared_redis.url, "k", delay=0.2)
@@ -1009,7 +1012,7 @@ def _holder_killed_round(
 
 
 def test_lease_holder_killed_mid_load_the_others_recover_within_the_lease_ttl(
-    workers: Any, shared_redis: RedisServer, truth: Truth, redis_client: redis.Redis
+    workers: Any, shared_redis: RedisServer, truth: Truth, redis_client: redis.Redis, impl: str
 ) -> None:
     """The process holding the fill lease is SIGKILLed in the middle of its load while 7 other
     processes x 4 threads wait for the key.
@@ -1021,8 +1024,8 @@ def test_lease_holder_killed_mid_load_the_others_recover_within_the_lease_ttl(
     """
     start, go = workers
     others = [start(f"W{i}") for i in range(7)]
-    for w in others:
-        w.send("open", shared_redis.url, _KILL_OPTIONS)
+    for w in others:  # (the holder is a TieredCache: the waiters' driver is parametrized)
+        w.send("open", shared_redis.url, {**_KILL_OPTIONS, "impl": impl})
     for w in others:
         w.receive(60)
     _holder_killed_round(start, go, shared_redis.url, truth, redis_client, others, "k")

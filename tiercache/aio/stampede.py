@@ -37,18 +37,22 @@ class AsyncSingleFlight:
     ) -> Any:
         """``await fn()`` once for all concurrent callers of ``key``.
 
-        The first caller starts the load as a task; every caller (the first included) waits
-        for it at most ``wait`` seconds, then runs ``fallback()`` (default ``fn()``) itself. A
-        cancelled caller does not cancel the load. If the load itself is cancelled (by
-        ``cancel_all``, say) while callers still wait, the next of them starts it again.
+        The first caller starts the load as a task and waits for it; a caller that joins it
+        waits at most ``wait`` seconds, then runs ``fallback()`` (default ``fn()``) itself, so a
+        stuck load cannot strand the others. A cancelled caller (the first included) does not
+        cancel the load. If the load itself is cancelled (by ``cancel_all``, say) while callers
+        still wait, the next of them starts it again.
         """
         while True:
             task = self._calls.get(key)
+            leader = task is None
             if task is None:
                 task = asyncio.ensure_future(fn())
                 self._calls[key] = task
                 task.add_done_callback(lambda t, key=key: self._done(key, t))
             try:
+                if leader:
+                    return await asyncio.shield(task)
                 return await asyncio.wait_for(asyncio.shield(task), wait)
             except asyncio.TimeoutError:
                 return await (fallback or fn)()
