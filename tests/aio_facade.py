@@ -31,6 +31,7 @@ def _as_caller(loader: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``loader``, run (in the cache's worker thread) under its caller's thread name.
 
     TieredCache calls a loader in the calling thread; tests tell callers apart by thread name.
+    A background refresh runs in the cache's own threads (named ``tiercache...``), as there.
     """
     if asyncio.iscoroutinefunction(loader):
         return loader
@@ -38,6 +39,8 @@ def _as_caller(loader: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     def call(key: Any) -> Any:
         thread = threading.current_thread()
+        if thread.name.startswith("tiercache"):
+            return loader(key)
         own, thread.name = thread.name, name
         try:
             return loader(key)
@@ -114,6 +117,15 @@ class SyncFacade(MutableMapping):  # type: ignore[type-arg]
             self._loop.close()
             raise
         self._closed = False
+
+    _OWN = frozenset({"_loop", "impl", "_closed"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Tests replace internals (``cache._random = ...``): on the cache, not on the facade.
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.impl, name, value)
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float = CALL_DEADLINE) -> T:
         return self._loop.run(coro, timeout)

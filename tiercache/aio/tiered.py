@@ -13,6 +13,9 @@ Its Redis connections belong to the event loop it first runs in: use one cache p
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
 import inspect
 import json
 import logging
@@ -21,6 +24,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import redis as redis_lib
@@ -67,12 +71,14 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     )
 
 
-async def _call_loader(loader: Loader, key: Any) -> Any:
-    """``loader(key)``: awaited if async, else run in a worker thread; KeyError -> ``MISSING``."""
+async def _call_loader(loader: Loader, key: Any, pool: Executor | None = None) -> Any:
+    """``loader(key)``: awaited if async, else run in a thread of ``pool`` (default: the loop's
+    default executor); a KeyError from it becomes ``MISSING``."""
     try:
         if _is_async(loader):
             return await loader(key)
-        value = await asyncio.to_thread(loader, key)
+        call = functools.partial(contextvars.copy_context().run, loader, key)
+        value = await asyncio.get_running_loop().run_in_executor(pool, call)
         if inspect.isawaitable(value):
             value = await value
         return value
@@ -86,8 +92,9 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
     ``await cache.get(k)``, ``await cache.set(k, v)``, ``await cache.get_or_load(k, loader)``,
     ``await cache.invalidate(k)``, ``await cache.delete(k)``, ``get_many``, ``get_or_load_many``,
     ``clear``, ``stats()`` (plain), ``await cache.aclose()`` or ``async with``. Takes the options
-    of TieredCache (but ``bloom=``, ``refresh_workers``); ``redis`` is a URL, a
-    ``redis.asyncio.Redis``, or None for an embedded development server.
+    of TieredCache but ``bloom=``; ``redis`` is a URL, a ``redis.asyncio.Redis``, or None for an
+    embedded development server. Plain loaders run in the loop's default executor; their
+    background refreshes in at most ``refresh_workers`` threads of the cache's own.
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         startup_timeout: float = 2.0,
         lease_ttl: float = 10.0,
         lease_wait: float | None = None,
+        refresh_workers: int = 2,
         tombstone_ttl: float = 60.0,
         log_maxlen: int = 10_000,
         on_write_error: str = "raise",
@@ -150,7 +158,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             startup_timeout=startup_timeout,
             lease_ttl=lease_ttl,
             lease_wait=lease_wait,
-            refresh_workers=0,
+            refresh_workers=refresh_workers,
             tombstone_ttl=tombstone_ttl,
             on_write_error=on_write_error,
             on_invalidate=on_invalidate,
@@ -162,6 +170,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         )
         self._flights = AsyncSingleFlight()
         self._refresher = AsyncRefresher()
+        self._refresh_pool: ThreadPoolExecutor | None = None  # sync loaders' refreshes
         self._listener: AsyncListener | None = None
         self._server: server_mod.RedisServer | None = None
         self._owns_client = not isinstance(redis, aioredis.Redis)
@@ -234,6 +243,11 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             await self._listener.stop()
         await self._refresher.close()
         await self._flights.cancel_all()
+        pool, self._refresh_pool = self._refresh_pool, None
+        if pool is not None:  # a refresh's loader still running is waited for, 2 s at most
+            pool.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(pool.shutdown, True), 2.0)
         if self._heartbeat_interval and self._listener is not None:
             try:  # a closed process leaves the fleet view at once
                 await self._driver.client.delete(self._keys.heartbeat(self._origin))
@@ -519,7 +533,12 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         ticket = self._guard.ticket()
         started = time.monotonic()
         self._counters.add("loads")
-        value = await _call_loader(loader, key)
+        if self._refresh_pool is None:  # TieredCache's refresh threads, named alike
+            self._refresh_pool = ThreadPoolExecutor(
+                max(1, self._refresh_workers),
+                thread_name_prefix=f"tiercache:{self._keys.namespace}-refresh",
+            )
+        value = await _call_loader(loader, key, self._refresh_pool)
         payload, flags = self._payload(value)
         load_ms = (time.monotonic() - started) * 1000.0
         env = self._value_envelope(payload, flags, ttl, version, load_ms)
