@@ -389,6 +389,7 @@ class AioCachedFunction:
         async def load(_key: Any) -> Any:
             nonlocal loaded
             loaded = True
+            self._loads += 1  # here: the caller that started the call may be cancelled
             try:
                 return await self._fn(*args, **kwargs)
             except Exception as err:  # a KeyError of the function is not a cache miss
@@ -397,11 +398,10 @@ class AioCachedFunction:
         try:
             value = await cache._read(rkey, load, self._ttl)
         except _CallError as err:
-            self._loads += 1  # a call that raised is a miss, as in functools
+            if not loaded:  # a call that raised is a miss for each caller, as in functools
+                self._loads += 1
             raise err.error from None
-        if loaded:
-            self._loads += 1
-        else:
+        if not loaded:
             self._remote_hits += 1
         return value
 

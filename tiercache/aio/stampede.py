@@ -12,6 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
+from ..errors import CacheUnavailable
+
 log = logging.getLogger("tiercache.stampede")
 
 
@@ -27,6 +29,7 @@ class AsyncSingleFlight:
 
     def __init__(self) -> None:
         self._calls: dict[Hashable, asyncio.Task[Any]] = {}
+        self._closed = False
 
     async def run(
         self,
@@ -40,10 +43,12 @@ class AsyncSingleFlight:
         The first caller starts the load as a task and waits for it; a caller that joins it
         waits at most ``wait`` seconds, then runs ``fallback()`` (default ``fn()``) itself, so a
         stuck load cannot strand the others. A cancelled caller (the first included) does not
-        cancel the load. If the load itself is cancelled (by ``cancel_all``, say) while callers
-        still wait, the next of them starts it again.
+        cancel the load. If the load itself is cancelled while callers still wait, the next of
+        them starts it again; after ``close()`` they get CacheUnavailable.
         """
         while True:
+            if self._closed:
+                raise CacheUnavailable("the cache was closed")
             task = self._calls.get(key)
             leader = task is None
             if task is None:
@@ -58,7 +63,11 @@ class AsyncSingleFlight:
                 return await (fallback or fn)()
             except asyncio.CancelledError:
                 if task.cancelled() and not _being_cancelled():
-                    continue  # the load was cancelled, not this caller: lead a new one
+                    # The load was cancelled, not this caller: lead a new one (the done callback
+                    # may not have run yet: a cancelled task must not be awaited again).
+                    if self._calls.get(key) is task:
+                        del self._calls[key]
+                    continue
                 raise
 
     def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
@@ -67,8 +76,9 @@ class AsyncSingleFlight:
         if not task.cancelled():
             task.exception()  # retrieved: a load nobody awaits any more must not log an error
 
-    async def cancel_all(self, timeout: float = 2.0) -> None:
+    async def close(self, timeout: float = 2.0) -> None:
         """Cancel the loads in flight and wait for them (at most ``timeout`` seconds)."""
+        self._closed = True
         tasks = list(self._calls.values())
         for task in tasks:
             task.cancel()

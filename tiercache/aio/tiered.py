@@ -242,7 +242,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         if self._listener is not None:
             await self._listener.stop()
         await self._refresher.close()
-        await self._flights.cancel_all()
+        await self._flights.close()
         pool, self._refresh_pool = self._refresh_pool, None
         if pool is not None:  # a refresh's loader still running is waited for, 2 s at most
             pool.shutdown(wait=False, cancel_futures=True)
