@@ -373,7 +373,8 @@ def test_the_leaders_exception_reaches_every_waiter_and_is_not_cached(url: str) 
                 return "recovered"
 
             callers = [asyncio.ensure_future(c.get_or_load("k", loader)) for _ in range(5)]
-            await until(lambda: calls, what="the loader running")
+            # A caller counts its miss and joins the load in one step (no await between).
+            await until(lambda: c.stats()["misses"] == 5, what="every caller joined the load")
             gate.set()
             results = await asyncio.gather(*callers, return_exceptions=True)
             assert all(r is error for r in results) and calls == [1]
@@ -493,7 +494,7 @@ def test_the_decorator_on_async_def_uses_the_async_cache(url: str) -> None:
 
             assert asyncio.iscoroutinefunction(square)
             callers = [asyncio.ensure_future(square(4)) for _ in range(5)]
-            await until(lambda: calls, what="the function running")
+            await until(lambda: c.stats()["misses"] == 5, what="every caller joined the call")
             callers[0].cancel()  # a cancelled caller does not cancel the shared call
             gate.set()
             assert await asyncio.gather(*callers[1:]) == [16] * 4
