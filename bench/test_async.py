@@ -8,17 +8,19 @@
    TieredCache doing the same, a raw ``redis.asyncio`` GET, and cashews' Redis backend
    ``await cache.get(k)``.
 
-Method: one round is a pass over the keys inside one coroutine (``for k in keys: await ...``),
-run by ``loop.run_until_complete``; pytest-benchmark times ``ROUNDS`` rounds per row (the sync
-rows run the same loop without awaits). ns/op = round time / keys. Rows of a group run back to
-back in one process, one private ``redis-server`` on loopback. No timing assertions: the report
-gives the figures and ratios (min and median per op).
+Method: a row's round is a pass over the keys inside one coroutine (``for k in keys: await
+...``), run by ``loop.run_until_complete`` (the sync rows: the same loop without awaits).
+pytest-benchmark runs the group's rounds; each round times one round of every row in turn
+(rotating the order), so all rows of a group see the same moments of a shared machine. ns/op =
+a row's round time / keys; the report gives min and median per row and their ratios. One
+private ``redis-server`` on loopback. No timing assertions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -74,20 +76,48 @@ def loop() -> Any:
         lp.close()
 
 
-def _time(benchmark: Any, group: str, name: str, one_round: Callable[[], Any], n: int) -> None:
-    """Time ``one_round()`` (``n`` ops) over the group's rounds; record min and median ns/op."""
-    benchmark.group = f"async: {group}"
-    benchmark.extra_info["ops_per_round"] = n
+class Rows:
+    """The rows of one group: each a round function, timed in turn within every round."""
+
+    def __init__(self, group: str, n: int) -> None:
+        self.group = group
+        self.n = n
+        self.rounds: dict[str, Callable[[], Any]] = {}
+        self.samples: dict[str, list[float]] = {}
+
+    def add(self, name: str, one_round: Callable[[], Any]) -> None:
+        self.rounds[name] = one_round
+        self.samples[name] = []
+
+    def run_all(self) -> None:
+        """One round of every row, in an order rotated each time (no row always first)."""
+        names = list(self.rounds)
+        k = len(self.samples[names[0]]) % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            self.rounds[name]()
+            self.samples[name].append(time.perf_counter() - t0)
+
+    def record(self, warmup: int) -> None:
+        out = ROWS.setdefault(self.group, {})
+        for name, xs in self.samples.items():
+            xs = sorted(xs[warmup:])
+            out[name] = {"min": xs[0] / self.n * 1e9, "median": xs[len(xs) // 2] / self.n * 1e9}
+        if not any(r is ROWS for r in report.SECTIONS[SECTION].rows):
+            report.record(SECTION, ROWS)
+
+
+def _time(benchmark: Any, rows: Rows) -> None:
+    """Rounds of every row in turn (pytest-benchmark times the whole; the report each row), so
+    the rows see the same moments of a shared machine."""
+    benchmark.group = f"async: {rows.group}"
+    benchmark.extra_info["ops_per_round"] = rows.n * len(rows.rounds)
+    l2 = rows.group == L2
+    warmup = 1 if l2 else 2
     gc.collect()
-    rounds = L2_ROUNDS if group == L2 else ROUNDS
-    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1 if group == L2 else 2)
-    st = getattr(benchmark, "stats", None)
-    if st is None:  # --benchmark-disable
-        return
-    s = st.stats
-    ROWS.setdefault(group, {})[name] = {"min": s.min / n * 1e9, "median": s.median / n * 1e9}
-    if not any(r is ROWS for r in report.SECTIONS[SECTION].rows):
-        report.record(SECTION, ROWS)
+    benchmark.pedantic(rows.run_all, rounds=L2_ROUNDS if l2 else ROUNDS, warmup_rounds=warmup)
+    if getattr(benchmark, "stats", None) is not None:  # (None: --benchmark-disable)
+        rows.record(warmup)
 
 
 def _awaiting(loop: Any, call: Callable[[Any], Awaitable[Any]], keys: list[Any]) -> Callable:
@@ -123,136 +153,99 @@ def _sync_cache(tc: Any, url: str, namespace: str, **kw: Any) -> Any:
 
 
 def _cashews(url: str) -> Any:
+    """A cashews Cache on ``url``, or None (noted in the report) when cashews is missing."""
     try:
         from cashews import Cache
     except ImportError as exc:
         report.skipped(SECTION, f"cashews rows ({exc})")
-        pytest.skip(str(exc))
+        return None
     c = Cache()
     c.setup(url)
     return c
 
 
+async def _fill(set_: Callable[[Any, Any], Awaitable[Any]], keys: list[Any]) -> None:
+    for k in keys:
+        await set_(k, VALUE)
+
+
 # -- 1. L1 hit ------------------------------------------------------------------------------------
 
 
-def test_l1_hit_noop(benchmark: Any, loop: Any) -> None:
+def test_l1_hit(benchmark: Any, tc: Any, server: Any, loop: Any) -> None:
+    rows = Rows(L1, N_KEYS)
+
     async def noop(k: Any) -> Any:
         return k
 
-    _time(benchmark, L1, NOOP, _awaiting(loop, noop, KEYS), N_KEYS)
-
-
-def test_l1_hit_sync_driver(benchmark: Any, tc: Any, server: Any) -> None:
-    c = _sync_cache(tc, server.url, "bench-async-l1s", local_maxsize=N_KEYS * 2)
-    try:
-        for k in KEYS:
-            c[k] = VALUE
-        assert all(c.get(k) == VALUE for k in KEYS[:100])
-        _time(benchmark, L1, OURS_SYNC, _calling(c.get, KEYS), N_KEYS)
-        assert c.stats()["remote_hits"] == 0, "an L1 round went to Redis"
-    finally:
-        c.clear()
-        c.close()
-
-
-def test_l1_hit_async(benchmark: Any, tc: Any, server: Any, loop: Any) -> None:
-    c = loop.run_until_complete(
+    rows.add(NOOP, _awaiting(loop, noop, KEYS))
+    sync = _sync_cache(tc, server.url, "bench-async-l1s", local_maxsize=N_KEYS * 2)
+    ours = loop.run_until_complete(
         _async_cache(tc, server.url, "bench-async-l1a", local_maxsize=N_KEYS * 2)
     )
+    cw = _cashews("mem://?size=20000")
     try:
-
-        async def fill() -> None:
-            for k in KEYS:
-                await c.set(k, VALUE)
-
-        loop.run_until_complete(fill())
-        _time(benchmark, L1, OURS_ASYNC, _awaiting(loop, c.get, KEYS), N_KEYS)
-        assert c.stats()["remote_hits"] == 0, "an L1 round went to Redis"
-    finally:
-        loop.run_until_complete(c.clear())
-        loop.run_until_complete(c.aclose())
-
-
-def test_l1_hit_cashews_mem(benchmark: Any, loop: Any) -> None:
-    c = _cashews("mem://?size=20000")
-
-    async def fill() -> None:
         for k in KEYS:
-            await c.set(k, VALUE)
-
-    loop.run_until_complete(fill())
-    try:
-        _time(benchmark, L1, CASHEWS_MEM, _awaiting(loop, c.get, KEYS), N_KEYS)
+            sync[k] = VALUE
+        loop.run_until_complete(_fill(ours.set, KEYS))
+        rows.add(OURS_SYNC, _calling(sync.get, KEYS))
+        rows.add(OURS_ASYNC, _awaiting(loop, ours.get, KEYS))
+        if cw is not None:
+            loop.run_until_complete(_fill(cw.set, KEYS))
+            rows.add(CASHEWS_MEM, _awaiting(loop, cw.get, KEYS))
+        _time(benchmark, rows)
+        assert sync.stats()["remote_hits"] == 0 and ours.stats()["remote_hits"] == 0, (
+            "an L1 round went to Redis"
+        )
     finally:
-        loop.run_until_complete(c.close())
+        sync.clear()
+        sync.close()
+        loop.run_until_complete(ours.aclose())
+        if cw is not None:
+            loop.run_until_complete(cw.close())
 
 
 # -- 2. L2 hit -----------------------------------------------------------------------------------
 
 
-def test_l2_hit_raw_get(benchmark: Any, tc: Any, server: Any, loop: Any) -> None:
+def test_l2_hit(benchmark: Any, tc: Any, server: Any, loop: Any) -> None:
     import redis.asyncio as aioredis
 
+    rows = Rows(L2, len(L2_KEYS))
     client = aioredis.Redis.from_url(server.url)
-
-    async def fill() -> None:
-        for k in L2_KEYS:
-            await client.set(f"raw:{k}", b"x" * 60)
-
-    loop.run_until_complete(fill())
-    names = [f"raw:{k}" for k in L2_KEYS]
-    try:
-        _time(benchmark, L2, RAW_GET, _awaiting(loop, client.get, names), len(names))
-    finally:
-        loop.run_until_complete(client.aclose())
-
-
-def test_l2_hit_sync_driver(benchmark: Any, tc: Any, server: Any) -> None:
-    c = _sync_cache(tc, server.url, "bench-async-l2s", local_maxsize=L2_LOCAL)
-    try:
-        for k in L2_KEYS:
-            c[k] = VALUE
-        before = c.stats()["remote_hits"]
-        _time(benchmark, L2, OURS_SYNC, _calling(c.get, L2_KEYS), len(L2_KEYS))
-        assert c.stats()["remote_hits"] > before, "the L2 rounds did not reach Redis"
-    finally:
-        c.clear()
-        c.close()
-
-
-def test_l2_hit_async(benchmark: Any, tc: Any, server: Any, loop: Any) -> None:
-    c = loop.run_until_complete(
+    sync = _sync_cache(tc, server.url, "bench-async-l2s", local_maxsize=L2_LOCAL)
+    ours = loop.run_until_complete(
         _async_cache(tc, server.url, "bench-async-l2a", local_maxsize=L2_LOCAL)
     )
+    cw = _cashews(server.url)
     try:
-
-        async def fill() -> None:
-            for k in L2_KEYS:
-                await c.set(k, VALUE)
-
-        loop.run_until_complete(fill())
-        before = c.stats()["remote_hits"]
-        _time(benchmark, L2, OURS_ASYNC, _awaiting(loop, c.get, L2_KEYS), len(L2_KEYS))
-        assert c.stats()["remote_hits"] > before, "the L2 rounds did not reach Redis"
-    finally:
-        loop.run_until_complete(c.clear())
-        loop.run_until_complete(c.aclose())
-
-
-def test_l2_hit_cashews_redis(benchmark: Any, server: Any, loop: Any) -> None:
-    c = _cashews(server.url)
-
-    async def fill() -> None:
+        raw_names = [f"raw:{k}" for k in L2_KEYS]
+        for name in raw_names:
+            loop.run_until_complete(client.set(name, b"x" * 60))
+        rows.add(RAW_GET, _awaiting(loop, client.get, raw_names))
         for k in L2_KEYS:
-            await c.set(f"cw:{k}", VALUE)
-
-    loop.run_until_complete(fill())
-    names = [f"cw:{k}" for k in L2_KEYS]
-    try:
-        _time(benchmark, L2, CASHEWS_REDIS, _awaiting(loop, c.get, names), len(names))
+            sync[k] = VALUE
+        rows.add(OURS_SYNC, _calling(sync.get, L2_KEYS))
+        loop.run_until_complete(_fill(ours.set, L2_KEYS))
+        rows.add(OURS_ASYNC, _awaiting(loop, ours.get, L2_KEYS))
+        if cw is not None:
+            cw_names = [f"cw:{k}" for k in L2_KEYS]
+            loop.run_until_complete(_fill(cw.set, cw_names))
+            rows.add(CASHEWS_REDIS, _awaiting(loop, cw.get, cw_names))
+        before = (sync.stats()["remote_hits"], ours.stats()["remote_hits"])
+        _time(benchmark, rows)
+        after = (sync.stats()["remote_hits"], ours.stats()["remote_hits"])
+        assert after[0] > before[0] and after[1] > before[1], "the L2 rounds did not reach Redis"
     finally:
-        loop.run_until_complete(c.close())
+        sync.clear()
+        sync.close()
+        loop.run_until_complete(ours.clear())
+        loop.run_until_complete(ours.aclose())
+        loop.run_until_complete(client.delete(*[f"raw:{k}" for k in L2_KEYS]))
+        loop.run_until_complete(client.aclose())
+        if cw is not None:
+            loop.run_until_complete(cw.clear())
+            loop.run_until_complete(cw.close())
 
 
 # -- the report ------------------------------------------------------------------------------
