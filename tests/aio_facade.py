@@ -176,7 +176,7 @@ class SyncFacade(MutableMapping):  # type: ignore[type-arg]
 
     def __iter__(self) -> Iterator[Any]:
         async def keys() -> list[Any]:
-            return [k async for k in self.impl.keys()]  # noqa: SIM118  (an async iterator)
+            return [k async for k in self.impl]
 
         return iter(self._run(keys()))
 

@@ -451,7 +451,8 @@ class _WorkerState:
             value = await asyncio.to_thread(loader, x)
             return str(value)
 
-        self.fn = tiercache.tiered_cache(cache, name=name, **options)(afn)
+        target = getattr(cache, "impl", cache)  # an AsyncTieredCache behind a SyncFacade
+        self.fn = tiercache.tiered_cache(target, name=name, **options)(afn)
 
     def _async_stampede(
         self, x: Any, tasks: int, rounds: list[dict[str, Any]]
@@ -504,7 +505,8 @@ class _WorkerState:
                 )
             return results
 
-        return asyncio.run(main())
+        loop = getattr(self.cache, "_loop", None)  # an AsyncTieredCache runs in its own loop
+        return loop.run(main(), 600) if loop is not None else asyncio.run(main())
 
 
 # -- fixtures -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 from ._sentinel import MISSING
+from .aio.stampede import AsyncSingleFlight
 from .aio.tiered import AsyncTieredCache
 from .errors import CacheUnavailable
 from .keys import encode_key
@@ -335,10 +336,9 @@ class AsyncCachedFunction:
 class AioCachedFunction:
     """An ``async def`` function memoized in an AsyncTieredCache (no worker threads).
 
-    A local hit answers at once; a miss reads Redis and, on a miss there, awaits the function
-    once per process (the cache's single-flight: concurrent callers share one task, which a
-    cancelled caller does not cancel) under the fill lease. ``cache_clear()`` and
-    ``invalidate(...)`` are coroutines.
+    A local hit answers at once; concurrent misses of one call share one task (a cancelled
+    caller does not cancel it) that reads Redis and, on a miss there, awaits the function under
+    the fill lease. ``cache_clear()`` and ``invalidate(...)`` are coroutines.
     """
 
     def __init__(
@@ -363,6 +363,7 @@ class AioCachedFunction:
         self.local = LocalCache(local_maxsize, **cache._l1_args)
         self._remote_hits = 0
         self._loads = 0
+        self._flights = AsyncSingleFlight()
         cache.register_subtier(self._keys.name, self)
         if hasattr(inspect, "markcoroutinefunction"):  # Python >= 3.12
             inspect.markcoroutinefunction(self)
@@ -384,24 +385,33 @@ class AioCachedFunction:
             e = self.local.entry(lkey)
             if e is not None and e.fresh_until > self.local.timer() and e.value is not MISSING:
                 return self.local.get(lkey, e.value)
+        # Concurrent calls share one miss, Redis read included (a task no caller's
+        # cancellation reaches); a caller that joined waits at most lease_wait, then runs its
+        # own miss, whose load the cache's own single-flight and the fill lease still share.
+        return await self._flights.run(
+            rkey, lambda: self._miss(rkey, args, kwargs), wait=cache._lease_wait
+        )
+
+    async def _miss(self, rkey: tuple[Any, ...], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        """Redis, then the function under the fill lease; counted once per shared miss."""
         loaded = False
 
         async def load(_key: Any) -> Any:
             nonlocal loaded
             loaded = True
-            self._loads += 1  # here: the caller that started the call may be cancelled
             try:
-                return await self._fn(*args, **kwargs)
+                return await self._fn(*args, **kw)
             except Exception as err:  # a KeyError of the function is not a cache miss
                 raise _CallError(err) from err
 
         try:
-            value = await cache._read(rkey, load, self._ttl)
+            value = await self._tiered._read(rkey, load, self._ttl)
         except _CallError as err:
-            if not loaded:  # a call that raised is a miss for each caller, as in functools
-                self._loads += 1
+            self._loads += 1  # a call that raised is a miss, as in functools
             raise err.error from None
-        if not loaded:
+        if loaded:
+            self._loads += 1
+        else:
             self._remote_hits += 1
         return value
 

@@ -780,6 +780,10 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis scan failed: {err}") from err
 
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for key in cache``: the keys stored in Redis (see ``keys``)."""
+        return self.keys()
+
     async def count(self) -> int:
         """How many keys Redis holds for this namespace (a full SCAN: O(n))."""
         return sum([1 async for _ in self.keys()])
