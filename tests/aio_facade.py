@@ -205,12 +205,36 @@ class SyncFacade(MutableMapping):  # type: ignore[type-arg]
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def _driver(self) -> Any:
+        """The async driver, its coroutine methods run to completion (tests call it directly)."""
+        return _Awaited(self.impl._driver, self._loop)
+
     def __getattr__(self, name: str) -> Any:
         # Properties and internals the tests inspect (local, namespace, _guard, _flights...).
         return getattr(self.impl, name)
 
     def __repr__(self) -> str:
         return f"SyncFacade({self.impl!r})"
+
+
+class _Awaited:
+    """An object whose methods' coroutines are run on ``loop`` and their results returned."""
+
+    def __init__(self, target: Any, loop: LoopThread) -> None:
+        self._target = target
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attr(*args, **kwargs)
+            return self._loop.run(result) if asyncio.iscoroutine(result) else result
+
+        return call
 
 
 def make_cache(impl: str, redis: Any = None, **options: Any) -> Any:

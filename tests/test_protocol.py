@@ -461,6 +461,18 @@ def test_guard_refuses_a_version_older_than_a_newer_invalidation() -> None:
     assert g.newest("k") == 10 and g.newest("other") == 0
 
 
+def test_guard_applied_ignores_writes_of_unknown_outcome() -> None:
+    g = FillGuard()
+    g.observe("k", 10)
+    g.observe("k", 20, applied=False)  # a write that timed out: it may never land
+    assert g.newest("k") == 20 and g.applied("k") == 10
+    t = g.ticket()
+    g.observe("k", 15)
+    assert g.applied("k") == 15 and g.newest("k") == 20
+    assert not g.admit(t, "k", 19)  # fills are still held to the unknown write
+    assert g.applied("other") == 0
+
+
 def test_guard_newest_only_rises() -> None:
     g = FillGuard()
     g.observe("k", 10)

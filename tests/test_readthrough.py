@@ -42,6 +42,7 @@ from tests.test_stampede import (
 )
 from tiercache import MISSING, TieredCache
 from tiercache.envelope import unpack
+from tiercache.keys import encode_key
 from tiercache.protocol import jittered, xfetch_due
 
 
@@ -277,6 +278,25 @@ def test_swr_serves_the_stale_value_at_once_while_one_background_refresh_runs(
     assert sum(r.stats()["stale_fills_rejected"] for r in readers) == 0
     assert len(refresh.calls) == 1
     assert not redis_client.exists(marker_key("k")), "the refresh marker was left behind"
+
+
+def test_a_refresh_of_a_version_already_replaced_is_not_claimed(
+    make: Factory, redis_client: redis.Redis
+) -> None:
+    """A process that read the stale v1 after another one refreshed it does not call the origin
+    again: the refresh claim holds only while the entry still has the version it read."""
+    a = make(ttl=0.3, stale_ttl=30.0)
+    assert a.get_or_load("k", Counter("v1")) == "v1"
+    old = wait_stale(redis_client, "k")
+    encoded = encode_key("k")
+    driver = a._driver
+    assert driver.mark_refresh(encoded, b"t1", 5_000, old.version)
+    assert not driver.mark_refresh(encoded, b"t2", 5_000, old.version), "claimed twice"
+    redis_client.delete(marker_key("k"))  # the first refresh finished and released its claim
+    a["k"] = "v2"  # (as a refresh or any write would) the entry moves on
+    assert not driver.mark_refresh(encoded, b"t3", 5_000, old.version), "refresh of a dead version"
+    assert not redis_client.exists(marker_key("k"))
+    assert driver.mark_refresh(encoded, b"t4", 5_000, envelope(redis_client, "k").version)
 
 
 def test_swr_never_serves_past_ttl_plus_stale_ttl(make: Factory, redis_client: redis.Redis) -> None:

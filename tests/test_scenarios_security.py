@@ -7,10 +7,6 @@ values built to exhaust memory (S22). S23 runs the whole cache against a TLS-onl
 only usable account is an ACL user limited to the commands and key/channel patterns the library
 needs, and checks that the password never shows. Nothing is mocked: the one patch is
 ``pickle.loads``, replaced by a recorder to prove it is never reached with attacker bytes.
-
-A test marked ``xfail(strict=True)`` documents a library bug found here (the security report has
-the reproducer and a proposed fix); it starts failing the suite, on purpose, once the bug is fixed
-so that its marker is removed.
 """
 
 from __future__ import annotations
@@ -322,11 +318,6 @@ def test_s19_the_batch_reads_reject_poison_too(
     assert not [p for p in pickle_calls if b"CANARY" in p]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: get_or_load_many never overwrites a rejected entry that looks like a "
-    "value (its lease script answers 'v', and the batch path drops such leases); see the report",
-)
 def test_s19_the_batch_fill_overwrites_a_rejected_entry(
     make: Callable[..., TieredCache], raw: redis.Redis
 ) -> None:
@@ -369,24 +360,20 @@ def test_s19_an_older_signed_envelope_reinstalled_never_beats_a_newer_version(
     assert make(secret=SECRET)["k"] == "v3"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a process that applied the invalidation of version v serves a replayed "
-    "(validly signed) older entry read from Redis, breaking P3; see the report",
-)
 def test_s19_a_replayed_entry_older_than_an_applied_invalidation_is_not_served(
     make: Callable[..., TieredCache], raw: redis.Redis
 ) -> None:
     truth = Truth(k="v2")
+    applied: list[int] = []  # on_invalidate runs once the invalidation is fully applied
     writer = make(secret=SECRET)
-    reader = make(secret=SECRET, loader=truth)
+    reader = make(secret=SECRET, loader=truth, on_invalidate=lambda key, v: applied.append(v))
     writer["k"] = "v1"
     old = raw.get(name_of("k"))
     assert reader["k"] == "v1"
-    seen = reader.stats()["invalidations_received"]
     writer["k"] = "v2"  # the reader applies its invalidation (and drops its copy of v1)
-    wait_until(lambda: reader.stats()["invalidations_received"] > seen, DELTA)
-    wait_until(lambda: reader.local.entry("k") is None, DELTA)
+    v2 = unpack(raw.get(name_of("k"))).version
+    wait_until(lambda: v2 in applied, DELTA, message="the reader applied v2's invalidation")
+    assert reader.local.entry("k") is None
     raw.set(name_of("k"), old)  # the attacker replays v1
     assert reader["k"] == "v2", "P3: a version older than an applied invalidation was served"
 
@@ -543,11 +530,6 @@ def test_s20_a_flood_of_forged_invalidations_keeps_resources_bounded(
     assert unpack(raw.get(name_of("k1"))).version < 2**52
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a forged message that takes the next sequence number makes the listener "
-    "drop the genuine message carrying that number as a duplicate (STALE); see the report",
-)
 @pytest.mark.parametrize("config", ["msgpack", "msgpack+secret"])
 def test_s20_a_forged_message_cannot_steal_a_genuine_sequence_number(
     config: str, make: Callable[..., TieredCache], raw: redis.Redis
@@ -711,11 +693,6 @@ def test_s22_a_50mb_value_is_refused_and_never_partially_stored(
     assert writer.local.currbytes <= 10 << 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: with compress_over, a value that compresses under max_value_bytes is "
-    "stored although no reader may inflate it (cap max_value_bytes * 32): unreadable; see report",
-)
 def test_s22_a_compressible_huge_value_is_refused_or_readable(
     make: Callable[..., TieredCache],
 ) -> None:

@@ -25,7 +25,7 @@ from .envelope import (
 )
 from .keys import KeySpace, escape_glob
 
-SCRIPTS = ("write", "lease", "fill", "release", "refresh")
+SCRIPTS = ("write", "lease", "fill", "release", "refresh", "mark_refresh")
 
 
 def load_script_source(name: str) -> str:
@@ -202,9 +202,16 @@ class Commands:
         """Give up our fill lease of ``encoded`` if it is still there."""
         return Call("release", (lease,), (self.keys.value(encoded),))
 
-    def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int) -> Call:
-        """Claim the refresh of ``encoded`` for ``ttl_ms`` (False: another process has it)."""
+    def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int, expected: int = 0) -> Call:
+        """Claim the refresh of ``encoded`` for ``ttl_ms`` (False: another process has it).
+
+        With ``expected``, only while the entry still holds that version (False once another
+        process refreshed or rewrote it).
+        """
         marker = self.keys.refresh_marker(encoded)
+        if expected:
+            keys = (self.keys.value(encoded), marker)
+            return Call("mark_refresh", (expected, token, max(1, ttl_ms)), keys, _is_one)
         return Call(None, ("SET", marker, token, "NX", "PX", max(1, ttl_ms)), parse=bool)
 
     def refresh(

@@ -56,6 +56,7 @@ _WRITE_ATTEMPTS = 3
 _LOG_INTERVAL = 10.0
 _POLL_FIRST = 0.002  # first wait for another process' fill, then x1.5 up to _POLL_MAX
 _POLL_MAX = 0.05
+_FLOOR_LEAD_US = 1_000_000  # see CacheCore._floor
 _MAX_CLOCK_LEAD_US = 3_600_000_000  # a version more than 1 h ahead of Redis time is not believed
 _INFLATION = 32  # a compressed payload may decode to at most this many times max_value_bytes
 _REJECTED: Any = object()  # what _decode says of bytes that do not verify or parse
@@ -184,6 +185,7 @@ class _Counters:
         "resyncs",
         "flushes",
         "rejected_payloads",
+        "stale_reads_refused",
         "unsigned_messages",
         "filtered",
         "stale_served",
@@ -372,7 +374,7 @@ class CacheCore:
         CacheUnavailable from ``err``.
         """
         with self._guard.lock:
-            self._guard.observe(slot.guard, env.version)
+            self._guard.observe(slot.guard, env.version, applied=False)
             slot.l1.pop(slot.key, None)
         self._counters.add("write_errors")
         if self._on_write_error == "invalidate_local":
@@ -396,11 +398,13 @@ class CacheCore:
 
     # -- loads: what a lease reply means ----------------------------------------------------
 
-    def _lease_value(self, lease: LeaseResult | None, encoded: bytes) -> _Hit | None:
-        """The value a lease reply brought (kind "v") if it reads, else None."""
+    def _lease_value(
+        self, lease: LeaseResult | None, encoded: bytes, floor: int = 0
+    ) -> _Hit | None:
+        """The value a lease reply brought (kind "v") if it reads, else None (see _decode)."""
         if lease is None or lease.kind != "v":
             return None
-        hit = self._decode(lease.envelope or b"", encoded)
+        hit = self._decode(lease.envelope or b"", encoded, floor)
         return None if hit is _REJECTED else hit
 
     def _pending_load(
@@ -600,12 +604,14 @@ class CacheCore:
         self._counters.add("stale_served")
         return e.value
 
-    def _decode(self, raw: bytes, encoded: bytes) -> _Hit | None:
+    def _decode(self, raw: bytes, encoded: bytes, floor: int = 0) -> _Hit | None:
         """What ``raw`` holds: a value or a cached absence, None for a miss, or ``_REJECTED``.
 
         A tombstone or a fill lease is a miss. A payload that does not verify (when a secret is
         set), is too large or does not parse is rejected: counted, logged, treated as a miss,
-        and never handed to a deserializer unverified.
+        and never handed to a deserializer unverified. So is an entry older than ``floor``, the
+        newest version of the key this process knew applied when the read began (a replayed or
+        rolled-back entry must not undo an invalidation already applied: SPEC 3.3).
         """
         try:
             magic, fmt, flags, codec, sig, version, expires_at, fresh_until, load_ms = (
@@ -629,14 +635,18 @@ class CacheCore:
                 payload = payload[4 + len(encoded) :]
             if expires_at and expires_at <= self._clock.now_us() / 1e6:
                 return None
+            if not flags & FLAG_ABSENT:
+                if codec != self._codec.id:
+                    # Only this cache's own codec may read a payload: a pickle payload planted
+                    # in Redis must never reach pickle.loads.
+                    raise ValueError(f"payload of codec {codec}, this cache reads {self._codec.id}")
+                if len(payload) > self._max_value_bytes:
+                    raise ValueError(f"payload of {len(payload)} bytes > max_value_bytes")
+            if version < floor:
+                self._counters.add("stale_reads_refused")
+                return _REJECTED  # type: ignore[no-any-return]
             if flags & FLAG_ABSENT:
                 return version, flags, expires_at, fresh_until, load_ms, MISSING
-            if codec != self._codec.id:
-                # Only this cache's own codec may read a payload: a pickle payload planted in
-                # Redis must never reach pickle.loads.
-                raise ValueError(f"payload of codec {codec}, this cache reads {self._codec.id}")
-            if len(payload) > self._max_value_bytes:
-                raise ValueError(f"payload of {len(payload)} bytes > max_value_bytes")
             method = (flags & COMPRESSION_MASK) >> COMPRESSION_SHIFT
             if method:
                 payload = decompress(payload, method, self._max_value_bytes * _INFLATION)
@@ -647,12 +657,27 @@ class CacheCore:
             return _REJECTED  # type: ignore[no-any-return]
         return version, flags, expires_at, fresh_until, load_ms, value
 
+    def _floor(self, guard: Hashable) -> int:
+        """The oldest version of a key a read starting now may serve (see ``_decode``).
+
+        A version more than a second ahead of this clock (forged, with no secret to tell) does
+        not count: it costs misses for a second at most, never a dead key. (Genuine versions may
+        run a little ahead: this clock's offset to Redis time is an estimate.)
+        """
+        newest = self._guard.applied(guard)
+        return newest if newest <= self._clock.now_us() + _FLOOR_LEAD_US else 0
+
     def _payload(self, value: Any) -> tuple[bytes, int]:
         """(payload, flags) of a value: encoded, compressed when large; ValueError if too big."""
         if value is MISSING:
             return b"", FLAG_ABSENT
         data = self._codec.dumps(value)
         flags = 0
+        if len(data) > self._max_value_bytes * _INFLATION:  # no reader would inflate it
+            raise ValueError(
+                f"value too large: {len(data)} bytes encoded > {_INFLATION} x max_value_bytes "
+                f"{self._max_value_bytes} (the most a compressed payload may inflate to)"
+            )
         if self._compress_over is not None and len(data) >= self._compress_over:
             data, method = compress(data, self._compress_over)
             flags = method << COMPRESSION_SHIFT

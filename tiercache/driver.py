@@ -177,9 +177,9 @@ class SyncDriver:
         """Give up our fill lease of ``encoded`` if it is still there."""
         self.call(self.commands.release(encoded, lease))
 
-    def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int) -> bool:
-        """Claim the refresh of ``encoded`` for ``ttl_ms`` (False: another process has it)."""
-        return self.call(self.commands.mark_refresh(encoded, token, ttl_ms))
+    def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int, expected: int = 0) -> bool:
+        """Claim the refresh of ``encoded`` (see Commands.mark_refresh)."""
+        return self.call(self.commands.mark_refresh(encoded, token, ttl_ms, expected))
 
     def refresh(
         self, encoded: bytes, expected: int, envelope: bytes, ttl_ms: int, token: bytes

@@ -204,9 +204,11 @@ class Listener:
             self.malformed += 1
             return
         verdict = self._trackers[partition].classify(inv)
-        if verdict is Verdict.APPLY:
+        if verdict is not Verdict.GAP:
+            # A STALE number is applied too: dropping a copy is idempotent and costs a miss at
+            # most, while ignoring it would lose a genuine message whose number a forged one took.
             self._handler.apply(inv)
-        elif verdict is not Verdict.STALE:
+        else:
             self.gaps += 1
             self._set_unhealthy(f"{verdict.value} in partition {partition}")
             self._catch_up(partition)

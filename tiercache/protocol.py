@@ -148,7 +148,8 @@ class Verdict(enum.Enum):
     """What to do with a message, given the position of its partition."""
 
     APPLY = "apply"  # the next one: apply it and advance
-    STALE = "stale"  # already applied (a replay overlapping the subscription, a duplicate)
+    STALE = "stale"  # number already seen (replay overlap, duplicate, or a forged message took
+    # it): applied again, harmlessly, but the position does not move
     GAP = "gap"  # messages may be missing: catch up from the log, or flush
 
 
@@ -210,18 +211,22 @@ class FillGuard:
         self._max_keys = max_keys
         self._gen = 0  # bumped by every invalidation and every loss of knowledge
         self._floor = 0  # tickets older than this may have missed a forgotten invalidation
-        self._newest: OrderedDict[Hashable, int] = OrderedDict()
+        # key -> (newest version seen changing, newest version known applied in Redis)
+        self._newest: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
 
     def ticket(self) -> int:
         """Taken before a read of Redis (or a load) that may end in a local install."""
         return self._gen
 
-    def observe(self, key: Hashable, version: int) -> None:
-        """Note that ``key`` changed at ``version`` (an invalidation or this process' write)."""
+    def observe(self, key: Hashable, version: int, applied: bool = True) -> None:
+        """Note that ``key`` changed at ``version`` (an invalidation or this process' write).
+
+        ``applied=False``: a write whose outcome is unknown (it may or may not land).
+        """
         self._gen += 1
         newest = self._newest
-        if version > newest.get(key, -1):
-            newest[key] = version
+        seen, known = newest.get(key, (0, 0))
+        newest[key] = (max(seen, version), max(known, version) if applied else known)
         newest.move_to_end(key)
         if len(newest) > self._max_keys:
             newest.popitem(last=False)
@@ -239,11 +244,15 @@ class FillGuard:
             return True
         if ticket < self._floor:
             return False
-        return version >= self._newest.get(key, 0)
+        return version >= self._newest.get(key, (0, 0))[0]
 
     def newest(self, key: Hashable) -> int:
         """The newest version known to be invalidated for ``key`` (0 if none remembered)."""
-        return self._newest.get(key, 0)
+        return self._newest.get(key, (0, 0))[0]
+
+    def applied(self, key: Hashable) -> int:
+        """The newest version of ``key`` known to be in Redis: older entries there are stale."""
+        return self._newest.get(key, (0, 0))[1]
 
     def __len__(self) -> int:
         return len(self._newest)

@@ -365,6 +365,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
             if e is not None and e.fresh_until > slot.l1.timer():
                 return slot.l1.get(slot.key, e.value)
         ticket = self._guard.ticket()
+        floor = self._floor(slot.guard)
         probe = self._bloom.probe(encoded) if self._bloom is not None else None
         try:
             if probe is None:
@@ -373,7 +374,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
                 raw, verdict = self._driver.get_and(self._keys.value(encoded), probe)
         except redis_lib.RedisError as err:
             return self._read_failed(err, key, encoded, slot, loader)
-        hit = self._decode(raw, encoded) if raw is not None else None
+        hit = self._decode(raw, encoded, floor) if raw is not None else None
         if hit is not None and hit is not _REJECTED:
             self._counters.add("remote_hits")
             return self._serve(key, encoded, slot, ticket, hit, loader, ttl)
@@ -449,9 +450,10 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         ``rejected``: bytes of this key that did not verify or parse; the lease replaces them.
         """
         ticket = self._guard.ticket()  # before the lease script reads Redis, as in _read
+        floor = self._floor(slot.guard)
         lease = self._acquire_lease(encoded, rejected)
         if lease is not None and lease.kind == "v":
-            hit = self._lease_value(lease, encoded)
+            hit = self._lease_value(lease, encoded, floor)
             if hit is None:  # unreadable, or expired by our clock
                 lease = self._acquire_lease(encoded, lease.envelope)
             else:
@@ -575,8 +577,8 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
     ) -> None:
         """Reload ``key`` in the background; store it only if the key still holds ``version``."""
         token = secrets.token_bytes(16)
-        if not self._driver.mark_refresh(encoded, token, self._lease_ms):
-            return  # another process refreshes it (the XFetch "refreshing" marker)
+        if not self._driver.mark_refresh(encoded, token, self._lease_ms, version):
+            return  # another process refreshes it, or already did (the "refreshing" marker)
         ticket = self._guard.ticket()
         started = time.monotonic()
         self._counters.add("loads")
@@ -615,6 +617,9 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         if not missing:
             return found
         encoded = [encode_key(k) for k in missing]
+        floors = [
+            self._floor(self._slot(k, e).guard) for k, e in zip(missing, encoded, strict=True)
+        ]
         token = secrets.token_bytes(16)
         try:
             leases: list[LeaseResult | None] = list(
@@ -623,13 +628,16 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         except redis_lib.RedisError:
             leases = [None] * len(missing)
         to_load = []
-        for key, enc, lease in zip(missing, encoded, leases, strict=True):
+        for key, enc, floor, lease in zip(missing, encoded, floors, leases, strict=True):
             if lease is not None and lease.kind == "v":
-                hit = self._decode(lease.envelope or b"", enc)
+                hit = self._decode(lease.envelope or b"", enc, floor)
                 if hit is not None and hit is not _REJECTED:
                     if hit[5] is not MISSING:
                         found[key] = hit[5]
                     continue
+                # Unreadable or expired by our clock: a lease that replaces exactly those bytes,
+                # so the fill below overwrites them (as the single-key path does).
+                lease = self._acquire_lease(enc, lease.envelope)
             to_load.append((key, enc, lease))
         if not to_load:
             return found
@@ -671,6 +679,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
                 continue
             pending.append((key, encoded, slot))
         ticket = self._guard.ticket()
+        floors = [self._floor(slot.guard) for _, _, slot in pending]
         tickets = {key: ticket for key, _, _ in pending}
         if not pending:
             return found, [], tickets
@@ -679,8 +688,8 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis read failed: {err}") from err
         missing = []
-        for (key, encoded, slot), raw in zip(pending, raws, strict=True):
-            hit = self._decode(raw, encoded) if raw is not None else None
+        for (key, encoded, slot), floor, raw in zip(pending, floors, raws, strict=True):
+            hit = self._decode(raw, encoded, floor) if raw is not None else None
             if hit is None or hit is _REJECTED:
                 self._counters.add("misses")
                 missing.append(key)

@@ -184,9 +184,11 @@ class AsyncDriver:
         """Give up our fill lease of ``encoded`` if it is still there."""
         await self.call(self.commands.release(encoded, lease))
 
-    async def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int) -> bool:
-        """Claim the refresh of ``encoded`` for ``ttl_ms``."""
-        return await self.call(self.commands.mark_refresh(encoded, token, ttl_ms))
+    async def mark_refresh(
+        self, encoded: bytes, token: bytes, ttl_ms: int, expected: int = 0
+    ) -> bool:
+        """Claim the refresh of ``encoded`` (see Commands.mark_refresh)."""
+        return await self.call(self.commands.mark_refresh(encoded, token, ttl_ms, expected))
 
     async def refresh(
         self, encoded: bytes, expected: int, envelope: bytes, ttl_ms: int, token: bytes

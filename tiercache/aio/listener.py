@@ -193,9 +193,9 @@ class AsyncListener:
             self.malformed += 1
             return
         verdict = self._trackers[partition].classify(inv)
-        if verdict is Verdict.APPLY:
+        if verdict is not Verdict.GAP:  # STALE too: see tiercache.listener
             self._handler.apply(inv)
-        elif verdict is not Verdict.STALE:
+        else:
             self.gaps += 1
             self._set_unhealthy(f"{verdict.value} in partition {partition}")
             await self._catch_up(partition)

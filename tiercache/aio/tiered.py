@@ -351,11 +351,12 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             if e is not None and e.fresh_until > slot.l1.timer():
                 return slot.l1.get(slot.key, e.value)
         ticket = self._guard.ticket()
+        floor = self._floor(slot.guard)
         try:
             raw = await self._driver.get(self._keys.value(encoded))
         except redis_lib.RedisError as err:
             return await self._read_failed(err, key, encoded, slot, loader)
-        hit = self._decode(raw, encoded) if raw is not None else None
+        hit = self._decode(raw, encoded, floor) if raw is not None else None
         if hit is not None and hit is not _REJECTED:
             self._counters.add("remote_hits")
             return self._serve(key, encoded, slot, ticket, hit, loader, ttl)
@@ -431,9 +432,10 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
     ) -> _PendingLoad | Any:
         """Before calling a loader: our lease (a ``_PendingLoad``), or the value that arrived."""
         ticket = self._guard.ticket()  # before the lease script reads Redis, as in _read
+        floor = self._floor(slot.guard)
         lease = await self._acquire_lease(encoded, rejected)
         if lease is not None and lease.kind == "v":
-            hit = self._lease_value(lease, encoded)
+            hit = self._lease_value(lease, encoded, floor)
             if hit is None:  # unreadable, or expired by our clock
                 lease = await self._acquire_lease(encoded, lease.envelope)
             else:
@@ -528,8 +530,8 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
     ) -> None:
         """Reload ``key`` in the background; store it only if the key still holds ``version``."""
         token = secrets.token_bytes(16)
-        if not await self._driver.mark_refresh(encoded, token, self._lease_ms):
-            return  # another process refreshes it (the XFetch "refreshing" marker)
+        if not await self._driver.mark_refresh(encoded, token, self._lease_ms, version):
+            return  # another process refreshes it, or already did (the "refreshing" marker)
         ticket = self._guard.ticket()
         started = time.monotonic()
         self._counters.add("loads")
@@ -571,6 +573,9 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         if not missing:
             return found
         encoded = [encode_key(k) for k in missing]
+        floors = [
+            self._floor(self._slot(k, e).guard) for k, e in zip(missing, encoded, strict=True)
+        ]
         token = secrets.token_bytes(16)
         try:
             leases: list[LeaseResult | None] = list(
@@ -579,12 +584,16 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         except redis_lib.RedisError:
             leases = [None] * len(missing)
         to_load = []
-        for key, enc, lease in zip(missing, encoded, leases, strict=True):
-            hit = self._lease_value(lease, enc)
-            if hit is not None:
-                if hit[5] is not MISSING:
-                    found[key] = hit[5]
-                continue
+        for key, enc, floor, lease in zip(missing, encoded, floors, leases, strict=True):
+            if lease is not None and lease.kind == "v":
+                hit = self._lease_value(lease, enc, floor)
+                if hit is not None:
+                    if hit[5] is not MISSING:
+                        found[key] = hit[5]
+                    continue
+                # Unreadable or expired by our clock: a lease that replaces exactly those bytes,
+                # so the fill below overwrites them (as the single-key path does).
+                lease = await self._acquire_lease(enc, lease.envelope)
             to_load.append((key, enc, lease))
         if not to_load:
             return found
@@ -625,6 +634,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
                 continue
             pending.append((key, encoded, slot))
         ticket = self._guard.ticket()
+        floors = [self._floor(slot.guard) for _, _, slot in pending]
         tickets = {key: ticket for key, _, _ in pending}
         if not pending:
             return found, [], tickets
@@ -633,8 +643,8 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis read failed: {err}") from err
         missing = []
-        for (key, encoded, slot), raw in zip(pending, raws, strict=True):
-            hit: _Hit | None = self._decode(raw, encoded) if raw is not None else None
+        for (key, encoded, slot), floor, raw in zip(pending, floors, raws, strict=True):
+            hit: _Hit | None = self._decode(raw, encoded, floor) if raw is not None else None
             if hit is None or hit is _REJECTED:
                 self._counters.add("misses")
                 missing.append(key)
@@ -701,7 +711,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             return None
         except asyncio.CancelledError:
             with self._guard.lock:
-                self._guard.observe(slot.guard, env.version)
+                self._guard.observe(slot.guard, env.version, applied=False)
                 slot.l1.pop(slot.key, None)
             raise
         self._write_done(slot, result)

@@ -199,6 +199,13 @@ FAMILIES: tuple[Family, ...] = (
         source="rejected_payloads",
     ),
     Family(
+        "stale_reads_refused",
+        "counter",
+        "Entries read from Redis older than an invalidation already applied (treated as misses).",
+        "{read}",
+        source="stale_reads_refused",
+    ),
+    Family(
         "unsigned_messages",
         "counter",
         "Invalidations whose signature did not verify (obeyed as a drop, version ignored).",
