@@ -430,6 +430,8 @@ def test_s13c_redis_rejects_the_key(make: Factory, redis_client: redis.Redis, mo
 
     def loader(k: Any) -> str:
         calls.append(threading.current_thread().name)
+        # Every caller's read has failed (a loaded machine may start one late).
+        wait_until(lambda: c.stats()["read_errors"] >= 20, 10)
         time.sleep(0.2)  # the origin's latency
         return "value"
 

@@ -717,6 +717,8 @@ def test_threads_of_one_process_share_one_load(make: Factory, redis_client: redi
     leader = Background(lambda: c.get_or_load("k", loader), name="leader")
     assert started.wait(10)
     followers = [Background(lambda: c.get_or_load("k", loader)) for _ in range(12)]
+    # A caller counts its miss right before it joins the load (then waits in "result").
+    wait_until(lambda: c.stats()["misses"] == 13, 10, message="every caller missed")
     wait_until(lambda: _followers_joined([f.thread for f in followers]), 10)
     # While the load runs, the key's entry is our fill lease, with a TTL.
     raw = redis_client.get(raw_key("k"))
@@ -751,6 +753,7 @@ def test_leader_exception_reaches_every_waiter_and_is_not_cached(
     leader = Background(lambda: c.get_or_load("k", loader))
     assert started.wait(10)
     followers = [Background(lambda: c.get_or_load("k", loader)) for _ in range(6)]
+    wait_until(lambda: c.stats()["misses"] == 7, 10, message="every caller missed")
     wait_until(lambda: _followers_joined([f.thread for f in followers]), 10)
     release.set()
     for call in [leader, *followers]:
@@ -894,6 +897,8 @@ def test_a_value_redis_still_holds_past_its_expiry_is_reloaded_once_under_the_le
 
     def loader(key: Any) -> str:
         calls.append(threading.current_thread().name)
+        # Every caller has read the expired entry (a loaded machine may start one late).
+        wait_until(lambda: sum(x.stats()["misses"] for x in caches) >= 8, 10)
         time.sleep(0.2)  # the origin's latency
         return "new"
 

@@ -452,12 +452,13 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         ticket = self._guard.ticket()  # before the lease script reads Redis, as in _read
         floor = self._floor(slot.guard)
         lease = self._acquire_lease(encoded, rejected)
-        if lease is not None and lease.kind == "v":
+        for _ in range(2):  # a value that arrives while we wait to replace a bad one is served
+            if lease is None or lease.kind != "v":
+                break
             hit = self._lease_value(lease, encoded, floor)
-            if hit is None:  # unreadable, or expired by our clock
-                lease = self._acquire_lease(encoded, lease.envelope)
-            else:
+            if hit is not None:
                 return self._serve(key, encoded, slot, ticket, hit, None, ttl)
+            lease = self._acquire_lease(encoded, lease.envelope)  # unreadable, or expired
         # (still a value: unreadable, rewritten meanwhile; loaded without storing)
         return self._pending_load(lease, encoded, slot, ticket, ttl)
 
