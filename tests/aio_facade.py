@@ -144,8 +144,8 @@ class SyncFacade(MutableMapping):  # type: ignore[type-arg]
     def __setitem__(self, key: Any, value: Any) -> None:
         self._run(self.impl.set(key, value))
 
-    def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
-        self._run(self.impl.set(key, value, ttl))
+    def set(self, key: Any, value: Any, ttl: Any = None, **kwargs: Any) -> None:
+        self._run(self.impl.set(key, value, ttl, **kwargs))
 
     def __delitem__(self, key: Any) -> None:
         self._run(self.impl.delete(key))
@@ -153,8 +153,19 @@ class SyncFacade(MutableMapping):  # type: ignore[type-arg]
     def invalidate(self, key: Any) -> bool:
         return self._run(self.impl.invalidate(key))
 
-    def get_or_load(self, key: Any, loader: Callable[[Any], Any], ttl: float | None = None) -> Any:
-        return self._run(self.impl.get_or_load(key, _as_caller(loader), ttl))
+    def write_around(self, key: Any) -> bool:
+        return self._run(self.impl.write_around(key))
+
+    def invalidate_tag(self, tag: str) -> None:
+        self._run(self.impl.invalidate_tag(tag))
+
+    def bump_namespace(self) -> int:
+        return self._run(self.impl.bump_namespace())
+
+    def get_or_load(
+        self, key: Any, loader: Callable[[Any], Any], ttl: Any = None, **kwargs: Any
+    ) -> Any:
+        return self._run(self.impl.get_or_load(key, _as_caller(loader), ttl, **kwargs))
 
     def get_many(self, keys: Any) -> dict[Any, Any]:
         return self._run(self.impl.get_many(keys))

@@ -15,6 +15,7 @@ if _ROOT not in sys.path:
 
 import pytest  # noqa: E402
 
+from tests.cluster import cluster_with_replicas, sentinel_set, shared_cluster  # noqa: E402
 from tests.proxy import proxy  # noqa: E402
 from tests.servers import (  # noqa: E402
     redis_bloom_server,
@@ -25,11 +26,14 @@ from tests.servers import (  # noqa: E402
 )
 
 __all__ = [
+    "cluster_with_replicas",
     "proxy",
     "redis_bloom_server",
     "redis_client",
     "redis_factory",
     "redis_server",
+    "sentinel_set",
+    "shared_cluster",
     "shared_redis",
 ]
 

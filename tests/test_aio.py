@@ -28,6 +28,7 @@ from tiercache.aio import AsyncTieredCache as FromAio
 from tiercache.aio.stampede import AsyncSingleFlight
 from tiercache.envelope import FLAG_LEASE, unpack
 from tiercache.keys import KeySpace, encode_key, local_key
+from tiercache.writebehind import stream_key
 
 pytestmark = pytest.mark.aio
 
@@ -474,6 +475,66 @@ def test_a_sync_and_an_async_cache_in_one_process_stay_coherent(url: str) -> Non
         arun(main)
     finally:
         sync.close()
+
+
+def test_tags_namespace_bumps_sliding_and_write_behind_as_coroutines(url: str) -> None:
+    """The new write and invalidation strategies from a native asyncio caller, coherent with a
+    TieredCache on the same namespace (tests/test_tags.py runs them all mixed)."""
+    sync = TieredCache(url, namespace="mixtags", health_timeout=5.0, ttl=60)
+    try:
+        assert sync.wait_ready(10)
+
+        async def main() -> None:
+            async with AsyncTieredCache(url, namespace="mixtags", health_timeout=5.0, ttl=60) as a:
+                await a.set("u1", "one", tags=("users",))
+                await a.set("u2", "two", tags=lambda k, v: ("users", f"user:{k}"))
+                await a.set("s", "slides", sliding=True)
+                await a.set("adaptive", 5, ttl=lambda k, v: 30.0)
+                assert sync.get("u1") == "one" and sync.get("u2") == "two"
+                assert sync.get("s") == "slides" and sync.get("adaptive") == 5
+                assert await a.get_or_load("g", lambda k: "loaded", tags=("users",)) == "loaded"
+                await until(lambda: sync.get("g") == "loaded", what="sync reads the tagged fill")
+                await a.invalidate_tag("users")  # at once here, via the message in sync
+                assert await a.get("u1") is None and await a.get("g") is None
+                await until(lambda: sync.local.entry("u2") is None, what="sync dropped u2")
+                assert sync.get("u1") is None and sync.get("u2") is None
+                sync.set("u3", "three", tags=("users",))
+                assert await a.get("u3") == "three"
+                sync.invalidate_tag("users")
+                await until(lambda: a.local.entry("u3") is None, what="async dropped u3")
+                assert await a.get("u3") is None
+                # Namespace generations, either way.
+                await a.set("n", 1)
+                assert sync.get("n") == 1
+                generation = await a.bump_namespace()
+                assert a.generation == generation and a.stats()["generation"] == generation
+                assert await a.get("n") is None
+                await until(lambda: sync.generation == generation, what="sync moved on")
+                assert sync.get("n") is None
+                sync["n"] = 2
+                assert await a.get("n") == 2
+                later = sync.bump_namespace()
+                await until(lambda: a.generation == later, what="async moved on")
+                assert await a.get("n") is None
+                # Write-behind queues in the write's own script; write-around drops everywhere.
+                await a.set("wb", "queued", write_behind=True)
+                assert sync.redis.xlen(stream_key(KeySpace("mixtags"), 0)) == 1
+                assert sync.get("wb") == "queued"
+                assert await a.write_around("wb") is True
+                await until(lambda: sync.local.entry("wb") is None, what="sync dropped wb")
+                assert sync.get("wb") is None
+                with pytest.raises(NotImplementedError):
+                    await a.warm(["x"], lambda ks: {})
+
+        arun(main)
+    finally:
+        sync.close()
+
+
+def test_cluster_and_sentinel_urls_are_refused_clearly() -> None:
+    for u in ("redis+cluster://127.0.0.1:1", "redis+sentinel://127.0.0.1:1/mymaster"):
+        with pytest.raises(NotImplementedError, match="Cluster or Sentinel"):
+            AsyncTieredCache(u)
 
 
 # -- the decorator ----------------------------------------------------------------------------

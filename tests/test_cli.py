@@ -8,6 +8,7 @@ of two live processes; every command answers ``--help``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -352,3 +353,152 @@ def test_server_leaves_nothing_behind_when_killed(spawned: list) -> None:
     proc.wait(10)
     deadline = time.monotonic() + 10
     wait_until(lambda: not pid_alive(server_pid), max(1.0, deadline - time.monotonic()))
+
+
+# -- tiercache bloom ------------------------------------------------------------------------------
+
+BLOOM_KEYS = 2_000
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.mark.parametrize("command", [["bloom"], ["bloom", "warm"], ["bloom", "stats"]])
+def test_help_of_the_bloom_commands(command: list[str], capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: tiercache {' '.join(command)}")
+    if command == ["bloom"]:
+        assert "warm" in out and "stats" in out
+    elif command[1] == "warm":
+        assert all(opt in out for opt in ("--capacity", "--error-rate", "--url", "FILE"))
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "bloom" in capsys.readouterr().out
+
+
+@pytest.fixture(params=["redisbloom", "lua"])
+def bloom_target(request: pytest.FixtureRequest) -> tuple[str, RedisServer]:
+    """(backend, server): a fresh server with RedisBloom, or the session's shared server (on
+    which the test asks the CLI for the bitmap backend)."""
+    backend = str(request.param)
+    fixture = "redis_bloom_server" if backend == "redisbloom" else "shared_redis"
+    return backend, request.getfixturevalue(fixture)
+
+
+def test_bloom_warm_from_a_file_then_the_cache_filters(
+    bloom_target: tuple[str, RedisServer], tmp_path: Path
+) -> None:
+    from tiercache.bloom import BloomConfig, BloomFilter
+
+    backend, server = bloom_target
+    namespace = f"cli-bloom-{backend}-{os.getpid()}"
+    present = [f"user:{i}" for i in range(BLOOM_KEYS)]
+    listing = tmp_path / "keys.txt"
+    listing.write_text("".join(f"{k}\n" for k in present) + "\n", encoding="utf-8")
+    # RedisBloom chosen by "auto" and plain progress lines; the bitmaps asked for, and the bar
+    shown = ["--plain"] if backend == "redisbloom" else ["--backend", "lua", "--live"]
+    warm = run(
+        "bloom", "warm", "--url", server.url, "--namespace", namespace, "--capacity", "4000",
+        "--batch", "100", "--pipeline", "1", *shown, str(listing),
+    )  # fmt: skip
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert re.search(r"^warmed 2,000 keys in .*filter complete", warm.stdout, re.M), warm.stdout
+    assert re.search(rf"^\s+backend\s+{backend}$", warm.stdout, re.M), warm.stdout
+    assert re.search(r"^\s+inserted\s+2,000$", warm.stdout, re.M), warm.stdout
+    progress = ANSI.sub("", warm.stderr)
+    if backend == "redisbloom":  # plain lines, at every tenth of the 20 round trips
+        lines = re.findall(r"^warm: ([\d,]+) of 2,000 keys sent \((\d+)%\)", progress, re.M)
+        assert len(lines) >= 5 and lines[-1] == ("2,000", "100"), progress
+    else:  # the rich bar, forced without a terminal
+        assert re.search(r"warm .*2000/2000 keys\s+100%", progress), progress
+
+    absent = [f"ghost:{i}" for i in range(500)]
+    loaded: list[str] = []
+
+    def loader(key: str) -> str:
+        loaded.append(key)
+        if key.startswith("ghost:"):
+            raise KeyError(key)
+        return f"value of {key}"
+
+    with TieredCache(
+        server.url, namespace=namespace, loader=loader, bloom=BloomConfig(4000)
+    ) as cache:
+        assert cache.wait_ready(10)
+        bloom = cache.bloom
+        assert isinstance(bloom, BloomFilter)
+        try:
+            assert bloom.complete  # (this cache reads the filter that exists, whatever it is)
+            assert bloom.check_many(present) == [True] * BLOOM_KEYS  # every warmed key: maybe
+            sample = present[::20]
+            assert [cache.get(k) for k in sample] == [f"value of {k}" for k in sample]
+            assert loaded == sample  # a warmed key reaches the loader
+            loaded.clear()
+            assert all(cache.get(k, "none") == "none" for k in absent)
+            assert len(loaded) <= len(absent) // 20, loaded  # absent keys: mostly filtered
+            stats = bloom.stats()
+            assert stats["inserted"] == BLOOM_KEYS and stats["complete"] is True
+            assert stats["backend"] == backend
+            assert stats["loads_avoided"] == len(absent) - len(loaded)
+        finally:
+            bloom.close()
+
+    done = run("bloom", "stats", "--url", server.url, "--namespace", namespace)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^\s+inserted\s+2,000$", done.stdout, re.M), done.stdout
+    assert re.search(r"^\s+status\s+complete$", done.stdout, re.M), done.stdout
+
+
+def bloom_in_process(*argv: str, stdin: str | None = None) -> int:
+    """``tiercache bloom ...`` run in this process (parsed as the command line parses it)."""
+    args = cli.build_parser().parse_args(["bloom", *argv])
+    if stdin is None:
+        return cli.cmd_bloom(args)
+    saved = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8")
+    try:
+        return cli.cmd_bloom(args)
+    finally:
+        sys.stdin = saved
+
+
+def test_bloom_warm_from_stdin_and_its_errors(
+    shared_redis: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tiercache.bloom import BloomConfig, BloomFilter
+
+    namespace = f"cli-bloom-stdin-{os.getpid()}"
+    where = ("--url", shared_redis.url, "--namespace", namespace)
+    assert bloom_in_process("warm", *where, "-", stdin="1\n2\n") == 2
+    assert "give --capacity" in capsys.readouterr().err  # no filter yet: stdin is not counted
+    int_keys = ("--key-type", "int", "--capacity", "100")
+    assert bloom_in_process("warm", *where, *int_keys, "-", stdin="1\n2\nthree\n") == 2
+    err = capsys.readouterr().err
+    assert "line 3: not an int key: 'three'" in err and "not marked complete" in err
+    assert bloom_in_process("stats", *where, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["complete"] is False
+
+    done = subprocess.run(
+        tiercache_cmd("bloom", "warm", *where, *int_keys, "--json", "-"),
+        input="1\n\n2\n3\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)  # --json: stdout holds the stats only
+    assert doc["complete"] is True and doc["capacity"] == 100 and doc["inserted"] == 3
+    assert "warmed 3 keys" in done.stderr
+    with TieredCache(shared_redis.url, namespace=namespace, bloom=BloomConfig(100)) as cache:
+        bloom = cache.bloom
+        assert isinstance(bloom, BloomFilter)
+        try:  # int keys were registered: the str "1" is another key
+            assert bloom.check_many([1, 2, 3, "1"]) == [True, True, True, False]
+        finally:
+            bloom.close()
+
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    assert bloom_in_process("stats", "--url", nowhere, "--timeout", "1") == 2
+    assert "cannot open the filter" in capsys.readouterr().err

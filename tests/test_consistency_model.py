@@ -98,7 +98,12 @@ class TieredModel(RuleBasedStateMachine):
         self.impls = ["sync"] * 3 if impl == "sync" else ["async", "sync", "async"]
         self.ns = f"model{next(_namespaces)}"
         self.keyspace = KeySpace(self.ns)
-        self.raw = server.client()
+        # A cluster (tests/cluster.py) gets one partition here, one slot and one channel: the
+        # count-based floors below need one total order of messages (tests/test_cluster.py runs
+        # many partitions against wall-clock bounds instead).
+        cluster = hasattr(server, "raw_view")
+        self.options = dict(OPTIONS, partitions=1) if cluster else OPTIONS
+        self.raw = server.raw_view() if cluster else server.client()
         self.truth: dict[Hashable, str | None] = {}
         self.rank_of: dict[str, int] = {}
         self.n = 0
@@ -121,7 +126,7 @@ class TieredModel(RuleBasedStateMachine):
         try:
             for i in range(3):
                 self.instances.append(self._open(self._loader if i == 0 else None, self.impls[i]))
-            self.syncer = TieredCache(server.url, namespace=self.ns, **OPTIONS)
+            self.syncer = TieredCache(server.url, namespace=self.ns, **self.options)
             self.base_count = [0, 0, 0]
             self.base_pub = [0, 0, 0]
             self.sync()
@@ -133,7 +138,7 @@ class TieredModel(RuleBasedStateMachine):
 
     def _open(self, loader: Any, impl: str = "sync") -> TieredCache:
         before = {c["name"] for c in listener_clients(self.raw, self.ns)}
-        cache = make_cache(impl, self.server.url, namespace=self.ns, loader=loader, **OPTIONS)
+        cache = make_cache(impl, self.server.url, namespace=self.ns, loader=loader, **self.options)
         assert cache.wait_ready(10.0), "a new instance never got its channel ready"
         new = {c["name"] for c in listener_clients(self.raw, self.ns)} - before
         assert len(new) == 1, f"cannot tell the new instance's listener among {new}"
@@ -410,7 +415,7 @@ class TieredModel(RuleBasedStateMachine):
             )
         self.sync()
 
-    @precondition(lambda self: self.restarts < 1)
+    @precondition(lambda self: self.restarts < 1 and getattr(self.server, "can_restart", True))
     @rule()
     def restart_redis(self) -> None:
         """Crash Redis and restart it empty: every local tier is flushed, versions stay ordered."""
@@ -506,11 +511,26 @@ def _run(
             print(f"[model] rules run: {dict(sorted(RULES.items()))}")
 
 
+@pytest.fixture(params=["single", "cluster"])
+def model_backend(request: pytest.FixtureRequest) -> Any:
+    """One real Redis, or the session's 3-master cluster (emptied; no restart rule there)."""
+    if request.param == "single":
+        return request.getfixturevalue("redis_server")
+    if request.getfixturevalue("impl") == "async":
+        pytest.skip("AsyncTieredCache does not support Redis Cluster (docs/asyncio.md)")
+    cluster = request.getfixturevalue("shared_cluster")
+    cluster.flushall()
+    return cluster
+
+
 def test_tiered_cache_model(
-    redis_server: RedisServer, capsys: pytest.CaptureFixture[str], impl: str
+    model_backend: Any, capsys: pytest.CaptureFixture[str], impl: str
 ) -> None:
-    """Three cache instances against the model on one real Redis (see module docstring)."""
-    _run(redis_server, capsys, SETTINGS, impl)
+    """Three cache instances against the model on one real Redis or a cluster (see the module
+    docstring); with ``impl="async"`` two of them are AsyncTieredCache."""
+    cluster = not isinstance(model_backend, RedisServer)
+    cfg = settings(SETTINGS, max_examples=8) if cluster else SETTINGS
+    _run(model_backend, capsys, cfg, impl)
 
 
 @pytest.mark.slow

@@ -835,6 +835,7 @@ CACHE_COMMANDS = [
     "xrevrange",  # the listener's replay from the log
     "subscribe", "ping", "client|setname",  # the listener's connection
     "hset", "pexpire", "hgetall",  # heartbeats (hgetall: reading them)
+    "config|get",  # the start-up checks (tiercache.checks; without it they are skipped)
     # inside the Lua scripts:
     "incr", "xadd", "publish", "del", "pttl",
 ]  # fmt: skip

@@ -7,6 +7,9 @@ from .decorator import CacheInfo, tiered_cache
 from .errors import CacheUnavailable, TiercacheError
 from .local import EXTENSIONS, LFUCache, LocalCache, LRUCache, TinyLFUCache
 from .tiered import TieredCache
+from .warm import WarmResult
+from .writearound import write_around
+from .writebehind import WriteBehind, WriteBehindItem
 
 __all__ = [
     "EXTENSIONS",
@@ -21,6 +24,10 @@ __all__ = [
     "TiercacheError",
     "TieredCache",
     "TinyLFUCache",
+    "WarmResult",
+    "WriteBehind",
+    "WriteBehindItem",
     "tiered_cache",
+    "write_around",
 ]
 __version__ = "0.1.0.dev0"

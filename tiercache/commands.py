@@ -116,6 +116,8 @@ def _as_int(reply: Any) -> int:
 class Commands:
     """The calls of one namespace (``keys``); ``log_maxlen`` bounds each invalidation log."""
 
+    sharded = False  # a cluster: the write script publishes with SPUBLISH (tiercache.cluster)
+
     def __init__(self, keys: KeySpace, log_maxlen: int = 10_000) -> None:
         self.keys = keys
         self.log_maxlen = log_maxlen
@@ -158,6 +160,7 @@ class Commands:
             encoded,
             sig,
             ceiling,
+            *self._publish_arg(),
         )
         return Call("write", args, (counter, log, entry), write_result)
 
@@ -178,9 +181,17 @@ class Commands:
             prefix,
             sig,
             VERSION_LIMIT - 1,
+            *self._publish_arg(),
         )
         keys = (self.keys.counter(partition), self.keys.log(partition))
         return Call("write", args, keys, write_result)
+
+    def _publish_arg(self) -> tuple[str, ...]:
+        """The write script's ARGV[11]: "S" to publish with SPUBLISH (sharded pub/sub), else "P".
+
+        Always given, so scripts that extend the write (tiercache.tags) find theirs at ARGV[12].
+        """
+        return ("S",) if self.sharded else ("P",)
 
     def lease(
         self, encoded: bytes, token: bytes, ttl_ms: int, replace: bytes | None = None
@@ -246,9 +257,10 @@ class Commands:
     def unlink_pattern(self, partition: int, prefix: bytes = b"") -> bytes:
         """SCAN pattern of what a clear (of ``prefix``) unlinks in a partition."""
         if prefix:
-            return escape_glob(self.keys.prefix(partition) + b"v:" + prefix) + b"*"
+            return escape_glob(self.keys.value_prefix(partition) + prefix) + b"*"
         return self.keys.all_pattern(partition)
 
     def kept_by_clear(self, partition: int) -> frozenset[bytes]:
-        """Keys a clear leaves: the partition's counter and log."""
-        return frozenset((self.keys.counter(partition), self.keys.log(partition)))
+        """Keys a clear leaves: the partition's counter and log, the namespace generation."""
+        kept = (self.keys.counter(partition), self.keys.log(partition), self.keys.generation_key())
+        return frozenset(kept)

@@ -22,13 +22,16 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple, Protocol
 
+from . import tags as tagmod
+from . import writebehind
 from ._sentinel import MISSING
 from .codec import Codec, compress, decompress, resolve_codec
-from .commands import LeaseResult, WriteResult
+from .commands import Call, LeaseResult, WriteResult
 from .envelope import (
     COMPRESSION_MASK,
     COMPRESSION_SHIFT,
     FLAG_ABSENT,
+    FLAG_EXT,
     FLAG_NOT_A_VALUE,
     FLAG_TOMBSTONE,
     FORMAT,
@@ -43,12 +46,16 @@ from .local import LocalCache
 from .protocol import (
     OP_CLEAR,
     OP_CLEAR_PREFIX,
+    OP_NAMESPACE,
+    OP_TAG,
     Invalidation,
     VersionClock,
     jittered,
     xfetch_due,
 )
 from .signing import SIGNATURE_SIZE, Secret, Signer
+from .tagging import TAG_ATTEMPTS, TAG_STEP_US, TagCore
+from .tags import Ext, Policy, TagsArg, TtlArg
 
 log = logging.getLogger("tiercache")
 
@@ -62,8 +69,8 @@ _INFLATION = 32  # a compressed payload may decode to at most this many times ma
 _REJECTED: Any = object()  # what _decode says of bytes that do not verify or parse
 _XFETCH_HORIZON = math.log(1000.0)  # beyond this many beta*delta an early refresh is < 0.1%
 
-# What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value).
-_Hit = tuple[int, int, float, float, float, Any]
+# What a read of Redis found: (version, flags, expires_at, fresh_until, load_ms, value, ext).
+_Hit = tuple[int, int, float, float, float, Any, Ext | None]
 
 
 _NOT_LOCAL: Any = object()
@@ -85,7 +92,7 @@ class _PendingLoad(NamedTuple):
     lease: LeaseResult | None
     ticket: int
     started: float
-    ttl: float | None
+    ttl: Any  # seconds, None, a callable or a tags.Policy
 
 
 class SubTier(Protocol):
@@ -194,6 +201,7 @@ class _Counters:
         "lease_timeouts",
         "read_errors",
         "write_errors",
+        "slides",
     )
 
     def __init__(self) -> None:
@@ -215,11 +223,13 @@ CALL_MARK = "tiercache.call"
 _CALL_PREFIX = encode_key((CALL_MARK,))
 
 
-class CacheCore:
+class CacheCore(TagCore):
     """The I/O-free half of a two-tier cache (mixed into TieredCache and AsyncTieredCache).
 
     The class that mixes it in provides ``_l1`` and ``_local_usable`` (tiercache.local's
-    TieredFront), ``_listener`` (or None) and ``_schedule_refresh``.
+    TieredFront), ``_listener`` (or None), ``_schedule_refresh``, ``_driver`` (whose
+    ``commands`` build the calls) and the round trips of tags and generations
+    (tiercache.tagging: ``_check_generation``, and the tag check of ``_decode``'s hits).
     """
 
     _l1: LocalCache
@@ -234,7 +244,7 @@ class CacheCore:
         local_policy: str,
         local_ttl: float,
         local_maxbytes: int | None,
-        ttl: float | None,
+        ttl: TtlArg,
         loader: Callable[[Any], Any] | None,
         serializer: str | Codec | None,
         secret: Secret | None,
@@ -259,14 +269,17 @@ class CacheCore:
         partitions: int,
         max_key_bytes: int,
         timer: Callable[[], float] | None,
+        tags: TagsArg = None,
+        sliding: bool = False,
+        sliding_interval: float | None = None,
     ) -> None:
         """Check the options and set up everything but the I/O (TieredCache's parameters)."""
         if not local_ttl > 0 or math.isinf(local_ttl):
             raise ValueError("local_ttl must be a finite number of seconds > 0")
         if stale_if_error < 0:
             raise ValueError("stale_if_error must be >= 0")
-        if ttl is not None and not ttl > 0:
-            raise ValueError("ttl must be > 0 or None")
+        if ttl is not None and not callable(ttl) and not ttl > 0:
+            raise ValueError("ttl must be > 0, None or a callable(key, value)")
         if on_write_error not in ("raise", "invalidate_local"):
             raise ValueError("on_write_error must be 'raise' or 'invalidate_local'")
         if not negative_ttl > 0 or stale_ttl < 0 or not 0 <= ttl_jitter < 1 or xfetch_beta < 0:
@@ -287,6 +300,7 @@ class CacheCore:
         self._compress_over = compress_over
         self._loader = loader
         self._ttl = ttl
+        self._tagging_init(tags, sliding, sliding_interval)
         self._local_ttl = local_ttl
         self._stale_if_error = stale_if_error
         self._lease_ms = int(lease_ttl * 1000)
@@ -329,27 +343,52 @@ class CacheCore:
     # -- writes: the decisions around the write script --------------------------------------
 
     def _set_envelope(
-        self, key: Hashable, value: Any, ttl: float | None
+        self,
+        key: Hashable,
+        value: Any,
+        ttl: TtlArg,
+        tags: TagsArg = None,
+        sliding: bool | None = None,
     ) -> tuple[bytes, _Slot, Envelope]:
-        """(encoded key, local slot, envelope) of a write; a value that cannot be stored raises."""
-        if ttl is not None and not ttl > 0:
-            raise ValueError("ttl must be > 0 or None")
+        """(encoded key, local slot, envelope) of a write; a value that cannot be stored raises.
+
+        ``ttl`` may be a callable(key, value) (adaptive TTL); ``tags`` and ``sliding`` as for
+        ``set`` (tiercache.tags).
+        """
+        if ttl is not None and not callable(ttl) and not ttl > 0:
+            raise ValueError("ttl must be > 0, None or a callable(key, value)")
         encoded = encode_key(key)
         slot = self._slot(key, encoded)
         payload, flags = self._payload(value)  # a value that cannot be stored changes nothing
-        ttl = self._ttl if ttl is None else ttl
+        policy = self._policy(ttl, tags, sliding)
         version = self._clock.next(after=self._guard.newest(slot.guard))
-        return encoded, slot, self._envelope(payload, ttl, version, 0.0, flags)
+        env = self._tagged_envelope(payload, flags, policy, version, 0.0, encoded, value)
+        return encoded, slot, env
+
+    def _policy(self, ttl: TtlArg, tags: TagsArg, sliding: bool | None) -> Any:
+        """What a per-call ``ttl``, ``tags`` and ``sliding`` make of the cache's defaults."""
+        policy: Any = self._ttl if ttl is None else ttl
+        if tags is not None or sliding is not None:
+            policy = Policy(policy, tags, sliding)
+        return policy
 
     def _set_done(
-        self, ticket: int, slot: _Slot, applied: WriteResult, env: Envelope, value: Any
+        self,
+        ticket: int,
+        slot: _Slot,
+        applied: WriteResult,
+        env: Envelope,
+        value: Any,
+        encoded: bytes = b"",
     ) -> None:
         """A write applied: install the written value locally."""
         self._counters.add("writes")
+        ext = self._ext_of(env, encoded)
+        self._slid(encoded, ext)
         fresh = self._local_fresh(env)
         if fresh > 0:
             # Admitted like a read: a flush or a newer write since the write began wins.
-            self._install(ticket, slot, applied.version, fresh, value)
+            self._install(ticket, slot, applied.version, fresh, value, ext)
 
     def _delete_envelope(self, key: Hashable) -> tuple[bytes, _Slot, Envelope, bool]:
         """(encoded key, local slot, tombstone, whether a local copy existed) of a delete."""
@@ -361,23 +400,48 @@ class CacheCore:
         env = self._envelope(b"", self._tombstone_ttl, version, 0.0, flags=FLAG_TOMBSTONE)
         return encoded, slot, env, was_local
 
-    def _write_retry(self, result: WriteResult, env: Envelope) -> Envelope:
+    def _write_attempts(self, ext: Ext | None) -> int:
+        """How many times a write is proposed (tagged writes race tag invalidations more)."""
+        return _WRITE_ATTEMPTS + (TAG_ATTEMPTS if ext is not None else 0)
+
+    def _write_call(
+        self, encoded: bytes, op: str, env: Envelope, ext: Ext | None, behind: bool = False
+    ) -> Call:
+        """The write script's call for ``env``: tagged, and write-behind, when asked."""
+        cmds = self._driver.commands
+        call = cmds.write(
+            encoded, op, env.version, self._pack(env, encoded), **self._write_args(encoded, op, env)
+        )
+        if ext is not None and ext.tags:  # refused below the tags' versions: retried
+            call = tagmod.tagged_write(call, tagmod.tag_keys(cmds, ext))
+        if behind:  # the same script, which also queues the write for the origin
+            call = writebehind.behind(cmds, call, encoded)
+        return call
+
+    def _write_retry(
+        self, result: WriteResult, env: Envelope, ext: Ext | None = None, attempt: int = 0
+    ) -> Envelope:
         """A concurrent writer holds a newer version: the envelope to try again with."""
         self._clock.observe(result.version)
-        return env.with_version(self._clock.next(after=result.version))
+        after = result.version
+        if ext is not None and ext.tags:  # get ahead of a stream of invalidations
+            after += min(TAG_STEP_US << (2 * attempt), 1_000_000)
+        return env.with_version(self._clock.next(after=after))
 
-    def _write_unknown(self, key: Hashable, slot: _Slot, env: Envelope, err: Exception) -> None:
+    def _write_unknown(
+        self, key: Hashable, slot: _Slot, env: Envelope, err: Exception, behind: bool = False
+    ) -> None:
         """A write's outcome is unknown (Redis may apply it later): distrust the key here.
 
         No local copy of it may be trusted, and a fill that read the old value must not install
         it. Returns (None: swallowed) when ``on_write_error="invalidate_local"``, else raises
-        CacheUnavailable from ``err``.
+        CacheUnavailable from ``err`` (always for a write-behind write: its queueing failed).
         """
         with self._guard.lock:
             self._guard.observe(slot.guard, env.version, applied=False)
             slot.l1.pop(slot.key, None)
         self._counters.add("write_errors")
-        if self._on_write_error == "invalidate_local":
+        if self._on_write_error == "invalidate_local" and not behind:
             self._warn(f"write of {key!r} failed, only invalidated locally: {err}")
             return
         raise CacheUnavailable(f"Redis write of {key!r} failed: {err}") from err
@@ -415,8 +479,8 @@ class CacheCore:
         self._counters.add("loads")
         return _PendingLoad(encoded, slot, ours, ticket, time.monotonic(), ttl)
 
-    def _loaded_envelope(self, pending: _PendingLoad, value: Any) -> tuple[Envelope, bytes] | None:
-        """(envelope, packed bytes) to fill for a loaded value, or None when not ours to store.
+    def _loaded_envelope(self, pending: _PendingLoad, value: Any) -> Envelope | None:
+        """The envelope to fill for a loaded value, or None when not ours to store.
 
         Raises what encoding the value raises (the caller releases the lease).
         """
@@ -426,15 +490,53 @@ class CacheCore:
         payload, flags = self._payload(value)
         load_ms = (time.monotonic() - pending.started) * 1000.0
         self._load_times.add(load_ms)
-        env = self._value_envelope(payload, flags, pending.ttl, lease.version, load_ms)
-        return env, self._pack(env, pending.encoded)
+        return self._value_envelope(
+            payload, flags, pending.ttl, lease.version, load_ms, pending.encoded, value
+        )
 
-    def _filled(self, stored: bool, slot: _Slot, ticket: int, env: Envelope, value: Any) -> None:
-        """The fill script's answer: install the value, or count a fill a write overtook."""
+    def _fill_call(self, encoded: bytes, lease: bytes, env: Envelope, ext: Ext | None) -> Call:
+        """The fill of ``env`` under ``lease`` (guarded by its tags, if any)."""
+        ttl_ms = self._redis_ttl_ms(env)
+        cmds = self._driver.commands
+        call = cmds.fill(encoded, lease, self._pack(env, encoded), ttl_ms)
+        if ext is not None and ext.tags:
+            tkeys = tagmod.tag_keys(cmds, ext)
+            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, self._lease_ms)
+        return call
+
+    def _refresh_call(
+        self, encoded: bytes, expected: int, env: Envelope, ext: Ext | None, token: bytes
+    ) -> Call:
+        """The store of a refreshed ``env`` if the key still holds ``expected`` (tag-guarded)."""
+        ttl_ms = self._redis_ttl_ms(env)
+        cmds = self._driver.commands
+        call = cmds.refresh(encoded, expected, self._pack(env, encoded), ttl_ms, token)
+        if ext is not None and ext.tags:
+            tkeys = tagmod.tag_keys(cmds, ext)
+            call = tagmod.tagged_fill(call, tkeys, ttl_ms, env.version, self._lease_ms)
+        return call
+
+    def _filled(
+        self,
+        stored: bool,
+        slot: _Slot,
+        ticket: int,
+        env: Envelope,
+        value: Any,
+        encoded: bytes,
+        ext: Ext | None,
+    ) -> bool:
+        """The fill script's answer: install the value, or count a fill a write overtook.
+
+        Returns whether our lease may still be in the key (a fill refused for a tag): the
+        caller then releases it.
+        """
         if not stored:
             self._counters.add("stale_fills_rejected")
-            return
-        self._install(ticket, slot, env.version, self._local_fresh(env), value)
+            return ext is not None and bool(ext.tags)
+        self._slid(encoded, ext)
+        self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
+        return False
 
     def _lease_delay(self, lease: LeaseResult, delay: float, left: float) -> float:
         """How long to wait before asking for the lease again (another fill holds it)."""
@@ -481,6 +583,12 @@ class CacheCore:
         if msg.op == OP_CLEAR_PREFIX:
             self._forget_prefix(msg.key)
             return
+        if msg.op == OP_TAG:
+            self._tag_invalidated(msg.key, msg.version if plausible else None)
+            return
+        if msg.op == OP_NAMESPACE:
+            self._generation_seen(msg.version if plausible else None)
+            return
         slot = self._slot(None, msg.key)
         with self._guard.lock:
             if plausible:  # nor make the key uncacheable here: it only costs a miss
@@ -500,16 +608,24 @@ class CacheCore:
         except Exception:
             log.exception("tiercache %r: a hook raised", self._keys.namespace)
 
-    def flush(self, reason: str) -> None:
-        """Messages were lost beyond the log: forget every local copy."""
+    def flush(self, reason: str, keep_versions: bool = False) -> None:
+        """Messages were lost beyond the log: forget every local copy.
+
+        ``keep_versions``: the newest version seen per key stays known, so an older value (from a
+        promoted replica that missed writes) never enters the local tier (tiercache.cluster).
+        """
         self._counters.add("flushes")
         self._warn(f"local tier flushed: {reason}")
-        self._forget_local()
+        self._forget_local(keep_versions)
         self._hook(self._on_resync, f"flushed: {reason}")
 
-    def _forget_local(self) -> None:
+    def _forget_local(self, keep_versions: bool = False) -> None:
         with self._guard.lock:
-            self._guard.forget_all()
+            if keep_versions:
+                self._guard.refuse_pending()
+            else:
+                self._guard.forget_all()
+            self._tags.forget_all()
             self._l1.clear()
             for sub in list(self._subtiers.values()):
                 sub.local.clear()
@@ -563,10 +679,10 @@ class CacheCore:
         ticket: int,
         hit: _Hit,
         loader: Callable[[Any], Any] | None,
-        ttl: float | None,
+        ttl: Any,
     ) -> Any:
         """Return a value read from Redis; refresh it early or in the background when due."""
-        version, _, _, fresh_until, load_ms, value = hit
+        version, _, _, fresh_until, load_ms, value, ext = hit
         now = self._clock.now_us() / 1e6
         if fresh_until and now >= fresh_until:
             # Stale, within its stale_ttl: served at once while one refresh runs (SWR).
@@ -587,8 +703,10 @@ class CacheCore:
         fresh = self._local_ttl
         if fresh_until:
             fresh = min(fresh, fresh_until - now - horizon)
+        if ext is not None and ext.sliding_ms:  # reads reach Redis (and extend) once per interval
+            fresh = min(fresh, self._slide_interval(ext))
         if fresh > 0:
-            self._install(ticket, slot, version, fresh, value)
+            self._install(ticket, slot, version, fresh, value, ext)
         return value
 
     def _stale_local(self, slot: _Slot) -> Any:
@@ -606,6 +724,11 @@ class CacheCore:
 
     def _decode(self, raw: bytes, encoded: bytes, floor: int = 0) -> _Hit | None:
         """What ``raw`` holds: a value or a cached absence, None for a miss, or ``_REJECTED``.
+
+        No I/O: a value with tags that a tag version known here invalidates is a miss, but a
+        hit whose tags are not all known (or not trusted: the channel is not whole) must still
+        be checked against Redis, and a sliding value's read extends its TTL: the caches' own
+        ``_decode`` (TieredCache) or ``_vet`` (AsyncTieredCache) do both (tiercache.tagging).
 
         A tombstone or a fill lease is a miss. A payload that does not verify (when a secret is
         set), is too large or does not parse is rejected: counted, logged, treated as a miss,
@@ -633,8 +756,13 @@ class CacheCore:
                 if _key_in_block(payload) != encoded:
                     raise ValueError("the key inside the payload is another key")
                 payload = payload[4 + len(encoded) :]
+            ext = None
+            if flags & FLAG_EXT:
+                ext, payload = tagmod.split_ext(payload, self._keys.partition(encoded))
             if expires_at and expires_at <= self._clock.now_us() / 1e6:
                 return None
+            if ext is not None and ext.tags and not self._tags_verdict(version, ext)[0]:
+                return None  # invalidated by one of its tags
             if not flags & FLAG_ABSENT:
                 if codec != self._codec.id:
                     # Only this cache's own codec may read a payload: a pickle payload planted
@@ -646,7 +774,7 @@ class CacheCore:
                 self._counters.add("stale_reads_refused")
                 return _REJECTED  # type: ignore[no-any-return]
             if flags & FLAG_ABSENT:
-                return version, flags, expires_at, fresh_until, load_ms, MISSING
+                return version, flags, expires_at, fresh_until, load_ms, MISSING, ext
             method = (flags & COMPRESSION_MASK) >> COMPRESSION_SHIFT
             if method:
                 payload = decompress(payload, method, self._max_value_bytes * _INFLATION)
@@ -655,7 +783,7 @@ class CacheCore:
             self._counters.add("rejected_payloads")
             self._warn(f"rejected the payload of {encoded[:60]!r}: {err}")
             return _REJECTED  # type: ignore[no-any-return]
-        return version, flags, expires_at, fresh_until, load_ms, value
+        return version, flags, expires_at, fresh_until, load_ms, value, ext
 
     def _floor(self, guard: Hashable) -> int:
         """The oldest version of a key a read starting now may serve (see ``_decode``).
@@ -708,7 +836,15 @@ class CacheCore:
             return "-"
         return self._signer.sign_message(encoded, version, op, self._origin)
 
-    def _install(self, ticket: int, slot: _Slot, version: int, fresh: float, value: Any) -> None:
+    def _install(
+        self,
+        ticket: int,
+        slot: _Slot,
+        version: int,
+        fresh: float,
+        value: Any,
+        ext: Ext | None = None,
+    ) -> None:
         """Install a value read under ``ticket`` locally, unless it could bring back old data."""
         if not self._local_usable:
             # Not serving locally now, but a copy older than what was just read must not be
@@ -720,12 +856,24 @@ class CacheCore:
             return
         with self._guard.lock:
             current = slot.l1.entry(slot.key)
-            if current is not None and current.version >= version:
+            # The same version no longer fresh (a sliding value read again) is renewed.
+            if current is not None and (
+                current.version > version
+                or (current.version == version and current.fresh_until > slot.l1.timer())
+            ):
                 return
             if not self._guard.admit(ticket, slot.guard, version):
                 self._counters.add("local_fills_rejected")
                 return
+            tags = ext.tags if ext is not None else ()
+            if tags and not self._tags.admit(ext.partition, tags, version):  # type: ignore[union-attr]
+                self._counters.add("local_fills_rejected")  # a tag invalidated since (or unknown)
+                return
             self._put_local(slot, value, version, fresh)
+            if tags:
+                self._tags.index(slot.guard, slot.l1, slot.key, version, ext.partition, tags)  # type: ignore[union-attr]
+            else:
+                self._tags.unindex(slot.guard)
 
     def _put_local(self, slot: _Slot, value: Any, version: int, fresh: float) -> None:
         """Store a local copy fresh for ``fresh`` seconds (caller holds the guard's lock)."""
@@ -735,13 +883,21 @@ class CacheCore:
             slot.l1.pop(slot.key, None)
 
     def _value_envelope(
-        self, payload: bytes, flags: int, ttl: float | None, after: int, load_ms: float
+        self,
+        payload: bytes,
+        flags: int,
+        ttl: Any,
+        after: int,
+        load_ms: float,
+        encoded: bytes = b"",
+        value: Any = MISSING,
     ) -> Envelope:
-        """The envelope to store for a loaded value, or for a loaded absence (FLAG_ABSENT)."""
+        """The envelope to store for a loaded value, or for a loaded absence (FLAG_ABSENT).
+
+        ``ttl``: seconds, None, a callable(key, value) or a tags.Policy (with tags, sliding).
+        """
         version = self._clock.next(after=after)
-        if flags & FLAG_ABSENT:
-            ttl = self._negative_ttl
-        return self._envelope(payload, ttl, version, load_ms, flags)
+        return self._tagged_envelope(payload, flags, ttl, version, load_ms, encoded, value)
 
     def _local_fresh(self, env: Envelope) -> float:
         """How long a local copy of ``env`` may be served from now."""
@@ -751,6 +907,10 @@ class CacheCore:
             if env.load_ms and self._beta > 0:  # reads in the XFetch window must reach Redis
                 horizon = self._beta * env.load_ms / 1000.0 * _XFETCH_HORIZON
             fresh = min(fresh, env.fresh_until - self._clock.now_us() / 1e6 - horizon)
+        if env.flags & FLAG_EXT:
+            ext = tagmod.split_ext(env.payload)[0]
+            if ext.sliding_ms:
+                fresh = min(fresh, self._slide_interval(ext))
         return fresh
 
     def stats(self) -> dict[str, Any]:
@@ -761,6 +921,7 @@ class CacheCore:
         out["local_size"] = local["currsize"]
         out["local_evictions"] = local["evictions"]
         out["local_usable"] = self._local_usable
+        out["generation"] = self._keys.generation
         listener = self._listener
         out["invalidation_lag_ms"] = self._lags.percentiles()
         out["load_ms"] = self._load_times.percentiles()
@@ -806,6 +967,8 @@ class CacheCore:
     def _redis_ttl_ms(self, env: Envelope) -> int:
         """The Redis TTL in ms of an envelope (0: none)."""
         if not env.expires_at:
+            if env.flags & FLAG_EXT:  # a sliding TTL, if any, is in the tags block
+                return tagmod.split_ext(env.payload)[0].sliding_ms
             return 0
         return max(1, int((env.expires_at - self._clock.now_us() / 1e6) * 1000))
 

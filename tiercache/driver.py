@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -277,6 +277,17 @@ class SyncDriver:
             for n, h in zip(names, heads, strict=True)
             if isinstance(h, bytes) and is_value_head(h)
         ]
+
+    def scan_values_of(self, partitions: Iterable[int], count: int = 1000) -> Iterator[bytes]:
+        """``scan_values`` of several partitions (a cluster driver groups them per node)."""
+        for partition in partitions:
+            yield from self.scan_values(partition, count)
+
+    def unlink_partitions(
+        self, partitions: Iterable[int], prefix: bytes = b"", batch: int = 500
+    ) -> int:
+        """``unlink_partition`` of several partitions (a cluster driver groups them per node)."""
+        return sum(self.unlink_partition(p, prefix, batch) for p in partitions)
 
     def unlink_partition(self, partition: int, prefix: bytes = b"", batch: int = 500) -> int:
         """Unlink every key of a partition but its counter and log (or only the entries of keys

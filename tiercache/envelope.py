@@ -8,7 +8,9 @@ Layout (big-endian), version 1::
     3      1     flags: bit 0 ABSENT (a cached "the origin has no such key"), bits 1-2 the
                  compression method (0 none, 1 zlib, 2 lz4), bit 3 TOMBSTONE (the key was
                  deleted at this version), bit 4 LEASE (a fill is in progress: the payload is
-                 the lease token; the version is the one the key had before)
+                 the lease token; the version is the one the key had before), bit 5 EXT
+                 (the payload starts with the tags / sliding TTL block of tiercache.tags;
+                 the Lua scripts read the flags modulo 32 and ignore it)
     4      1     codec id (tiercache.codec)
     5      1     signature length (0, or 32 for HMAC-SHA256)
     6      8     version: unsigned, < 2**53 so that Lua (doubles) reads it exactly
@@ -41,6 +43,7 @@ COMPRESSION_SHIFT = 1
 COMPRESSION_MASK = 0x06
 FLAG_TOMBSTONE = 0x08
 FLAG_LEASE = 0x10
+FLAG_EXT = 0x20  # the payload starts with a tags / sliding TTL block (tiercache.tags)
 FLAG_NOT_A_VALUE = FLAG_TOMBSTONE | FLAG_LEASE
 
 

@@ -9,12 +9,15 @@ Redis layout of namespace ``ns``, partition ``p`` (one partition unless the stor
 where each partition is one hash slot: a key's entry shares the slot of its partition's sequence
 counter and invalidation log, so one Lua script can touch them all)::
 
-    ns:{ns:p}:v:<encoded key>   the entry: a value, a tombstone or a fill lease (envelope.py)
+    ns:{ns:p}:v:<encoded key>   the entry: a value, a tombstone or a fill lease (envelope.py);
+                                after ``bump_namespace`` ``v<generation>:`` (tiercache.tags)
     ns:{ns:p}:r:<encoded key>   the marker of a background refresh in progress
     ns:{ns:p}:seq               the partition's invalidation counter
     ns:{ns:p}:log               stream: the recent invalidation messages, for replay after a gap
     ns:{ns:p}:inv               the pub/sub channel of invalidations
     ns:{ns:0}:hb:<origin>       a process' heartbeat (its stats), expiring
+    ns:{ns:0}:gen               the namespace generation (tiercache.tags), absent = 0
+    ns:{ns:p}:t:<tag>           a tag's invalidation version and highest written version
 
 Long keys. ``<encoded key>`` above is the encoding itself when it is at most ``max_key_bytes``
 (default 1024) long; a longer one is stored under its first ``max_key_bytes`` bytes, ``#`` and the
@@ -28,6 +31,7 @@ travel whole in invalidation messages, which are at most 1 MiB.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 from collections.abc import Hashable
@@ -157,6 +161,7 @@ class KeySpace:
     namespace: str = "tc"
     partitions: int = 1
     max_key_bytes: int = MAX_KEY_BYTES
+    generation: int = 0  # the namespace generation: part of every value key's name
 
     def __post_init__(self) -> None:
         _check_namespace(self.namespace)
@@ -167,6 +172,8 @@ class KeySpace:
         ns = self.namespace
         prefixes = tuple(f"{ns}:{{{ns}:{p}}}:".encode() for p in range(self.partitions))
         object.__setattr__(self, "_prefixes", prefixes)
+        vtag = b"v%d:" % self.generation if self.generation else b"v:"
+        object.__setattr__(self, "_values", tuple(p + vtag for p in prefixes))
 
     def partition(self, encoded: bytes) -> int:
         """The partition of an encoded key."""
@@ -195,14 +202,31 @@ class KeySpace:
         """A prefix of encodings as far as stored names keep it (their first max_key_bytes)."""
         return prefix[: self.max_key_bytes]
 
+    def value_prefix(self, partition: int) -> bytes:
+        """``ns:{ns:p}:v:`` (``v<generation>:`` after a namespace bump): the entries' prefix."""
+        return self._values[partition]  # type: ignore[attr-defined,no-any-return]
+
+    def with_generation(self, generation: int) -> KeySpace:
+        """The same key space at another namespace generation."""
+        return dataclasses.replace(self, generation=generation)
+
+    def generation_key(self) -> bytes:
+        """The key holding the namespace generation (in partition 0's slot)."""
+        return self.prefix(0) + b"gen"
+
+    def tag(self, partition: int, tag: bytes) -> bytes:
+        """The key of a tag's versions in a partition (tiercache.tags)."""
+        return self.prefix(partition) + b"t:" + tag
+
     def value(self, encoded: bytes) -> bytes:
         """The value key of an encoded key."""
-        return self.prefix(self.partition(encoded)) + b"v:" + self.stored(encoded)
+        return self.value_prefix(self.partition(encoded)) + self.stored(encoded)
 
     def script_keys(self, encoded: bytes) -> tuple[bytes, bytes, bytes]:
         """(counter, log, entry) keys of an encoded key, all in one slot."""
-        prefix = self.prefix(self.partition(encoded))
-        return prefix + b"seq", prefix + b"log", prefix + b"v:" + self.stored(encoded)
+        partition = self.partition(encoded)
+        prefix = self.prefix(partition)
+        return prefix + b"seq", prefix + b"log", self.value_prefix(partition) + self.stored(encoded)
 
     def refresh_marker(self, encoded: bytes) -> bytes:
         """The key marking a refresh of ``encoded`` in progress (same slot as its entry)."""
@@ -230,7 +254,7 @@ class KeySpace:
 
     def value_pattern(self, partition: int) -> bytes:
         """SCAN MATCH pattern of the value keys of a partition."""
-        return escape_glob(self.prefix(partition) + b"v:") + b"*"
+        return escape_glob(self.value_prefix(partition)) + b"*"
 
     def all_pattern(self, partition: int) -> bytes:
         """SCAN MATCH pattern of every key of a partition."""
@@ -238,4 +262,5 @@ class KeySpace:
 
     def encoded_of_value_key(self, name: bytes) -> bytes:
         """The encoded user key inside a value key name (its digest form if ``is_digest``)."""
-        return name[name.index(b"}:v:") + 4 :]
+        start = name.index(b"}:v") + 3
+        return name[name.index(b":", start) + 1 :]

@@ -47,7 +47,9 @@ OP_SET = "S"
 OP_DELETE = "D"
 OP_CLEAR = "C"
 OP_CLEAR_PREFIX = "P"  # every key whose encoding starts with the message's key
-OPS = frozenset((OP_SET, OP_DELETE, OP_CLEAR, OP_CLEAR_PREFIX))
+OP_TAG = "G"  # a tag was invalidated: the key is "<partition>:<tag>", the version its new one
+OP_NAMESPACE = "N"  # the namespace generation changed: the version is the new generation
+OPS = frozenset((OP_SET, OP_DELETE, OP_CLEAR, OP_CLEAR_PREFIX, OP_TAG, OP_NAMESPACE))
 
 
 class VersionClock:
@@ -213,6 +215,7 @@ class FillGuard:
         self._floor = 0  # tickets older than this may have missed a forgotten invalidation
         # key -> (newest version seen changing, newest version known applied in Redis)
         self._newest: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
+        self._kept: OrderedDict[Hashable, int] = OrderedDict()  # see refuse_pending
 
     def ticket(self) -> int:
         """Taken before a read of Redis (or a load) that may end in a local install."""
@@ -237,9 +240,23 @@ class FillGuard:
         self._gen += 1
         self._floor = self._gen
         self._newest.clear()
+        self._kept.clear()
+
+    def refuse_pending(self) -> None:
+        """Refuse every pending read; from now on refuse, even to a fresh ticket, any version of
+        a key older than the newest known now (a promoted replica may serve what it missed)."""
+        self._gen += 1
+        self._floor = self._gen
+        for key, (_, known) in self._newest.items():
+            if known > self._kept.get(key, 0):
+                self._kept[key] = known
+        while len(self._kept) > self._max_keys:
+            self._kept.popitem(last=False)
 
     def admit(self, ticket: int, key: Hashable, version: int) -> bool:
         """Whether a value of ``version`` read under ``ticket`` may enter the local tier."""
+        if self._kept and version < self._kept.get(key, 0):
+            return False
         if ticket == self._gen:
             return True
         if ticket < self._floor:
@@ -251,8 +268,10 @@ class FillGuard:
         return self._newest.get(key, (0, 0))[0]
 
     def applied(self, key: Hashable) -> int:
-        """The newest version of ``key`` known to be in Redis: older entries there are stale."""
-        return self._newest.get(key, (0, 0))[1]
+        """The newest version of ``key`` known to be in Redis: older entries there are stale
+        (also across a ``refuse_pending`` flush)."""
+        known = self._newest.get(key, (0, 0))[1]
+        return max(known, self._kept.get(key, 0)) if self._kept else known
 
     def __len__(self) -> int:
         return len(self._newest)

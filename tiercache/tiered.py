@@ -30,8 +30,12 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Mut
 from typing import Any, Protocol
 
 import redis as redis_lib
+from redis.cluster import RedisCluster
 
+from . import checks
+from . import cluster as cluster_mod
 from . import server as server_mod
+from . import tags as tagmod
 from ._sentinel import MISSING
 from .codec import Codec
 from .core import (  # noqa: F401  (importable from here too)
@@ -45,6 +49,7 @@ from .core import (  # noqa: F401  (importable from here too)
     SubTier,
     _absent_to_missing,
     _Counters,
+    _Hit,
     _key_in_block,
     _PendingLoad,
     _Slot,
@@ -69,6 +74,9 @@ from .protocol import (
 )
 from .signing import Secret
 from .stampede import Refresher, SingleFlight
+from .tagging import TaggingMixin
+from .tags import TagsArg, TagState, TtlArg
+from .warm import Progress, WarmResult, warm
 
 log = logging.getLogger("tiercache")
 
@@ -113,19 +121,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
+class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
     """A dict-like cache: a local tier per process in front of a shared Redis."""
 
     def __init__(
         self,
-        redis: str | redis_lib.Redis | None = None,
+        redis: str | redis_lib.Redis | RedisCluster | None = None,
         *,
         namespace: str = "tc",
         local_maxsize: int = 10_000,
         local_policy: str = "lru",
         local_ttl: float = 60.0,
         local_maxbytes: int | None = None,
-        ttl: float | None = None,
+        ttl: TtlArg = None,
         loader: Callable[[Any], Any] | None = None,
         serializer: str | Codec | None = None,
         secret: Secret | None = None,
@@ -152,10 +160,14 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         on_invalidate: Callable[[Any, int], None] | None = None,
         on_resync: Callable[[str], None] | None = None,
         heartbeat_interval: float = 5.0,
-        partitions: int = 1,
+        partitions: int | None = None,
         max_key_bytes: int = MAX_KEY_BYTES,
         timer: Callable[[], float] | None = None,
+        tags: TagsArg = None,
+        sliding: bool = False,
+        sliding_interval: float | None = None,
     ) -> None:
+        partitions = cluster_mod.default_partitions(redis, partitions)
         self._configure(
             namespace=namespace,
             local_maxsize=local_maxsize,
@@ -187,12 +199,15 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
             partitions=partitions,
             max_key_bytes=max_key_bytes,
             timer=timer,
+            tags=tags,
+            sliding=sliding,
+            sliding_interval=sliding_interval,
         )
         self._flights = SingleFlight()
         self._refresher = Refresher(refresh_workers, name=f"tiercache:{namespace}")
         self._server: server_mod.RedisServer | None = None
-        self._owns_client = not isinstance(redis, redis_lib.Redis)
-        self._listener: Listener | None = None
+        self._owns_client = not isinstance(redis, (redis_lib.Redis, RedisCluster))
+        self._listener: Listener | cluster_mod.ShardedListener | None = None
         self._listener_lock = threading.Lock()
 
         if redis is None:
@@ -201,7 +216,12 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
             redis = self._server.url
         if isinstance(redis, str):
             try:
-                client = make_client(
+                client = cluster_mod.make_any_client(
+                    redis,
+                    socket_timeout=socket_timeout,
+                    connect_timeout=connect_timeout,
+                    retries=retries,
+                ) or make_client(
                     redis,
                     socket_timeout=socket_timeout,
                     connect_timeout=connect_timeout,
@@ -211,7 +231,12 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
                 raise ValueError(_url_error(redis, err)) from None
         else:
             client = redis
-        self._driver = SyncDriver(client, self._keys, log_maxlen=log_maxlen)
+        self._driver = cluster_mod.open_driver(client, self._keys, log_maxlen=log_maxlen)
+        if bloom is not None and cluster_mod.is_cluster(client):
+            raise ValueError("bloom= is not supported on Redis Cluster yet (docs/cluster.md)")
+        if self._server is None:  # (the embedded development server is not checked)
+            checks.check_server(client, entries_expire=ttl is not None)
+        tagmod.install_scripts(self._driver.commands)
         self._bloom = bloom.open(self._driver) if bloom is not None else None
         self._fresh_local_tier()
         _live_caches[id(self)] = self
@@ -229,6 +254,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
     def _fresh_local_tier(self) -> None:
         self._l1 = LocalCache(self._local_maxsize, **self._l1_args)
         self._guard = FillGuard()
+        self._tags = TagState()  # the tag versions known here, the local copies' tags
         self._front_init(self._l1)
 
     def _ensure_listener(self) -> None:
@@ -236,7 +262,8 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
             return  # (a forked child has none: the at-fork hook dropped the parent's)
         with self._listener_lock:
             if self._listener is None and not self._closed:
-                self._listener = Listener(
+                make_listener = getattr(self._driver, "listener_class", lambda: Listener)
+                self._listener = make_listener()(
                     self._driver,
                     self,
                     partitions=range(self._keys.partitions),
@@ -258,6 +285,8 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         self._clock = self._clock.copy()
         self._flights = SingleFlight()
         self._refresher = Refresher(self._refresh_workers, name=f"tiercache:{self.namespace}")
+        self._touch_lock = threading.Lock()
+        self._gen_lock = threading.Lock()
         self._fresh_local_tier()  # the parent's locks and flags may have been held mid-write
         for sub in list(self._subtiers.values()):
             sub._rebind_local()
@@ -270,6 +299,10 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
             self._clock.calibrate(*self._driver.server_time())
         except redis_lib.RedisError:
             pass  # versions stay monotone without it; the next recovery tries again
+        try:  # a bump may have been missed, or the generation lost with the data: Redis says
+            self._reload_generation(force=True)
+        except redis_lib.RedisError:
+            pass  # reads and writes check it themselves until the channel is whole
         if recovered:
             self._counters.add("resyncs")
             self._hook(self._on_resync, "resynced")
@@ -305,8 +338,9 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         self._ensure_listener()
         self._forget_prefix(prefix)
         try:
-            for partition in range(self._keys.partitions):
-                self._driver.unlink_partition(partition, self._keys.clip(prefix))
+            partitions = range(self._keys.partitions)
+            self._driver.unlink_partitions(partitions, self._keys.clip(prefix))
+            for partition in partitions:
                 version = self._clock.next()
                 sig = self._sign_message(prefix, version, OP_CLEAR_PREFIX)
                 self._driver.announce_clear(partition, version, self._origin, prefix, sig)
@@ -330,7 +364,13 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         return default if value is MISSING else value
 
     def get_or_load(
-        self, key: Hashable, loader: Callable[[Any], Any], ttl: float | None = None
+        self,
+        key: Hashable,
+        loader: Callable[[Any], Any],
+        ttl: TtlArg = None,
+        *,
+        tags: TagsArg = None,
+        sliding: bool | None = None,
     ) -> Any:
         """The value of ``key``; on a miss, ``loader(key)`` once across processes, then stored.
 
@@ -338,10 +378,11 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         processes (the fill lease); the others wait for its value, at most ``lease_ttl``. A loader
         that returns ``MISSING`` or raises ``KeyError`` makes this raise ``KeyError``, and the
         absence is cached for ``negative_ttl``; other exceptions propagate and are not cached.
+        ``ttl``, ``tags`` and ``sliding`` are as for ``set`` (a callable gets the loaded value).
         """
         value = self._local_value(key)
         if value is _NOT_LOCAL:
-            value = self._read(key, loader, self._ttl if ttl is None else ttl)
+            value = self._read(key, loader, self._policy(ttl, tags, sliding))
         if value is MISSING:
             raise KeyError(key)
         return value
@@ -355,11 +396,26 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
             return _NOT_LOCAL
         return self._l1.get(key, e.value)
 
-    def _read(self, key: Hashable, loader: Callable[[Any], Any] | None, ttl: float | None) -> Any:
+    def _decode(self, raw: bytes, encoded: bytes, floor: int = 0) -> _Hit | None:
+        """CacheCore._decode, with the round trips it may need: a hit whose tags are not all
+        known here is checked against Redis, and a read of a sliding value extends its TTL."""
+        hit = CacheCore._decode(self, raw, encoded, floor)
+        if hit is None or hit is _REJECTED or hit[6] is None:
+            return hit
+        version, ext = hit[0], hit[6]
+        if ext.tags and not self._tags_valid(version, ext):
+            return None  # invalidated by one of its tags
+        if ext.sliding_ms:
+            self._slide(encoded, version, ext)
+        return hit
+
+    def _read(self, key: Hashable, loader: Callable[[Any], Any] | None, ttl: Any) -> Any:
         """The value of ``key`` from the first tier that has it; ``MISSING`` if none has it."""
         encoded = encode_key(key)
-        slot = self._slot(key, encoded)
         self._ensure_listener()
+        if not self._local_usable:
+            self._check_generation()
+        slot = self._slot(key, encoded)
         if self._local_usable:
             e = slot.l1.entry(slot.key)
             if e is not None and e.fresh_until > slot.l1.timer():
@@ -424,7 +480,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         encoded: bytes,
         slot: _Slot,
         loader: Callable[[Any], Any],
-        ttl: float | None,
+        ttl: Any,
         rejected: bytes | None = None,
     ) -> Any:
         """Load a missing key once across processes: take its lease or wait for its value."""
@@ -442,7 +498,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         key: Hashable,
         encoded: bytes,
         slot: _Slot,
-        ttl: float | None,
+        ttl: Any,
         rejected: bytes | None = None,
     ) -> _PendingLoad | Any:
         """Before calling a loader: our lease (a ``_PendingLoad``), or the value that arrived.
@@ -474,10 +530,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
             raise
         self._filter_learns(pending.encoded, value)
         if made is not None:
-            env, packed = made
-            self._fill(
-                pending.encoded, pending.slot, lease.envelope, pending.ticket, env, packed, value
-            )
+            self._fill(pending.encoded, pending.slot, lease.envelope, pending.ticket, made, value)
         return value
 
     def _filter_learns(self, encoded: bytes, value: Any) -> None:
@@ -536,16 +589,17 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         lease: bytes,
         ticket: int,
         env: Envelope,
-        packed: bytes,
         value: Any,
     ) -> None:
+        ext = self._ext_of(env, encoded)
         try:
-            stored = self._driver.fill(encoded, lease, packed, self._redis_ttl_ms(env))
+            stored = self._driver.call(self._fill_call(encoded, lease, env, ext))
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"fill of {encoded[:60]!r} failed: {err}")
             return
-        self._filled(stored, slot, ticket, env, value)
+        if self._filled(stored, slot, ticket, env, value, encoded, ext):
+            self._release(encoded, lease)  # refused for a tag: our lease may still be there
 
     def _release(self, encoded: bytes, lease: bytes) -> None:
         try:
@@ -586,11 +640,11 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         value = _absent_to_missing(loader, key)
         payload, flags = self._payload(value)
         load_ms = (time.monotonic() - started) * 1000.0
-        env = self._value_envelope(payload, flags, ttl, version, load_ms)
-        packed = self._pack(env, encoded)
-        if self._driver.refresh(encoded, version, packed, self._redis_ttl_ms(env), token):
+        env = self._value_envelope(payload, flags, ttl, version, load_ms, encoded, value)
+        ext = self._ext_of(env, encoded)
+        if self._driver.call(self._refresh_call(encoded, version, env, ext, token)):
             self._counters.add("refreshes")
-            self._install(ticket, slot, env.version, self._local_fresh(env), value)
+            self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
         else:
             self._counters.add("stale_fills_rejected")  # a write or delete landed meanwhile
 
@@ -655,7 +709,7 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
                 continue
             payload, flags = self._payload(value)
             self._filter_learns(enc, value)
-            env = self._value_envelope(payload, flags, ttl, lease.version, load_ms)
+            env = self._value_envelope(payload, flags, ttl, lease.version, load_ms, enc, value)
             fills.append((key, enc, lease.envelope, env, value))
         if fills:
             self._fill_many(fills, tickets)
@@ -679,6 +733,8 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
                     found[key] = value
                 continue
             pending.append((key, encoded, slot))
+        if pending and not self._local_usable:
+            self._check_generation()
         ticket = self._guard.ticket()
         floors = [self._floor(slot.guard) for _, _, slot in pending]
         tickets = {key: ticket for key, _, _ in pending}
@@ -706,63 +762,82 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         fills: list[tuple[Hashable, bytes, bytes, Envelope, Any]],
         tickets: dict[Hashable, int],
     ) -> None:
-        items = [
-            (e, lease, self._pack(env, e), self._redis_ttl_ms(env)) for _, e, lease, env, _ in fills
-        ]
+        exts = [self._ext_of(env, e) for _, e, _, env, _ in fills]
         try:
-            stored = self._driver.fills(items)
+            calls = [
+                self._fill_call(e, lease, env, ext)
+                for (_, e, lease, env, _), ext in zip(fills, exts, strict=True)
+            ]
+            stored = [r is True for r in self._driver.call_many(calls)]
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"batch fill failed: {err}")
             return
-        for (key, enc, _, env, value), ok in zip(fills, stored, strict=True):
-            if not ok:
-                self._counters.add("stale_fills_rejected")
-                continue
-            slot = self._slot(key, enc)
-            self._install(tickets.get(key, -1), slot, env.version, self._local_fresh(env), value)
+        for (key, enc, _, env, value), ext, ok in zip(fills, exts, stored, strict=True):
+            self._filled(ok, self._slot(key, enc), tickets.get(key, -1), env, value, enc, ext)
 
     # -- writes ---------------------------------------------------------------------------------
 
     def __setitem__(self, key: Hashable, value: Any) -> None:
         self.set(key, value)
 
-    def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here."""
-        encoded, slot, env = self._set_envelope(key, value, ttl)
+    def set(
+        self,
+        key: Hashable,
+        value: Any,
+        ttl: TtlArg = None,
+        *,
+        tags: TagsArg = None,
+        sliding: bool | None = None,
+        write_behind: bool = False,
+    ) -> None:
+        """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here.
+
+        ``ttl`` may be a callable(key, value) returning seconds or None (adaptive TTL); ``tags``
+        names the groups ``invalidate_tag`` drops it with (or a callable(key, value) giving
+        them); ``sliding`` makes reads push its Redis TTL back (see tiercache.tags);
+        ``write_behind``: also queue the write for the origin, atomically (tiercache.writebehind).
+        """
+        encoded, slot, env = self._set_envelope(key, value, ttl, tags, sliding)
         self._ensure_listener()
+        if not self._local_usable:
+            self._check_generation()
         if self._bloom is not None:  # before the value exists anywhere
             try:
                 self._bloom.register(encoded)
             except redis_lib.RedisError as err:
                 raise CacheUnavailable(f"Redis write of {key!r} failed: {err}") from err
         ticket = self._guard.ticket()
-        applied = self._write(key, encoded, slot, OP_SET, env)
+        applied = self._write(key, encoded, slot, OP_SET, env, behind=write_behind)
         if applied is not None:
-            self._set_done(ticket, slot, applied, env, value)
+            self._set_done(ticket, slot, applied, env, value, encoded)
 
-    def _write(self, key: Hashable, encoded: bytes, slot: _Slot, op: str, env: Envelope) -> Any:
+    def _write(
+        self,
+        key: Hashable,
+        encoded: bytes,
+        slot: _Slot,
+        op: str,
+        env: Envelope,
+        behind: bool = False,
+    ) -> Any:
         """Run the write script for ``op``; the local copy is dropped before, and after a failure.
 
         Returns the driver's result, or None when the failure is swallowed (on_write_error).
+        ``behind``: the write-behind script, which also queues the write for the origin.
         """
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
+        ext = self._ext_of(env, encoded)
         try:
-            for _ in range(_WRITE_ATTEMPTS):
-                result = self._driver.write(
-                    encoded,
-                    op,
-                    env.version,
-                    self._pack(env, encoded),
-                    **self._write_args(encoded, op, env),
-                )
+            for attempt in range(self._write_attempts(ext)):
+                result = self._driver.call(self._write_call(encoded, op, env, ext, behind))
                 if result.applied:
                     break
-                env = self._write_retry(result, env)
+                env = self._write_retry(result, env, ext, attempt)
             else:
                 raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
         except redis_lib.RedisError as err:
-            self._write_unknown(key, slot, env, err)
+            self._write_unknown(key, slot, env, err, behind)
             return None
         self._write_done(slot, result)
         return result
@@ -775,10 +850,36 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         """Remove ``key`` everywhere (Redis and every local tier); whether it was anywhere."""
         return self._delete(key)
 
-    def _delete(self, key: Hashable) -> bool:
+    def write_around(self, key: Hashable) -> bool:
+        """After the caller wrote ``key`` to the origin: drop it everywhere (versioned tombstone).
+
+        The next read of any process loads the origin's value; a fill that read the origin
+        before is discarded (the tombstone replaced its lease). Whether it was cached.
+        """
+        return self._delete(key)
+
+    def warm(
+        self,
+        keys: Iterable[Hashable],
+        loader_many: Callable[[list[Any]], Mapping[Any, Any]],
+        *,
+        batch_size: int = 500,
+        progress: Progress | None = None,
+        ttl: float | None = None,
+    ) -> WarmResult:
+        """Pre-load the missing ``keys`` into Redis in batches, never over a newer value.
+
+        ``loader_many(keys)`` returns a mapping; ``progress(done, total)`` follows each batch
+        (total None for an iterator). See tiercache.warm.
+        """
+        return warm(self, keys, loader_many, batch_size=batch_size, progress=progress, ttl=ttl)
+
+    def _delete(self, key: Hashable, behind: bool = False) -> bool:
         encoded, slot, env, was_local = self._delete_envelope(key)
         self._ensure_listener()
-        result = self._write(key, encoded, slot, OP_DELETE, env)
+        if not self._local_usable:
+            self._check_generation()
+        result = self._write(key, encoded, slot, OP_DELETE, env, behind=behind)
         if result is None:
             return True  # Redis failed and the failure was swallowed: it may have been there
         self._counters.add("deletes")
@@ -789,8 +890,9 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
         self._ensure_listener()
         self._forget_local()
         try:
-            for partition in range(self._keys.partitions):
-                self._driver.unlink_partition(partition)
+            partitions = range(self._keys.partitions)
+            self._driver.unlink_partitions(partitions)
+            for partition in partitions:
                 version = self._clock.next()
                 sig = self._sign_message(b"", version, OP_CLEAR)
                 self._driver.announce_clear(partition, version, self._origin, sig=sig)
@@ -811,11 +913,10 @@ class TieredCache(TieredFront, CacheCore, MutableMapping):  # type: ignore[misc]
     def _value_names(self) -> Iterator[bytes]:
         seen: set[bytes] = set()
         try:
-            for partition in range(self._keys.partitions):
-                for name in self._driver.scan_values(partition):
-                    if name not in seen:
-                        seen.add(name)
-                        yield name
+            for name in self._driver.scan_values_of(range(self._keys.partitions)):
+                if name not in seen:
+                    seen.add(name)
+                    yield name
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis scan failed: {err}") from err
 

@@ -9,7 +9,7 @@ import asyncio
 import functools
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -272,6 +272,20 @@ class AsyncDriver:
             for n, h in zip(names, heads, strict=True)
             if isinstance(h, bytes) and is_value_head(h)
         ]
+
+    async def scan_values_of(
+        self, partitions: Iterable[int], count: int = 1000
+    ) -> AsyncIterator[bytes]:
+        """``scan_values`` of several partitions."""
+        for partition in partitions:
+            async for name in self.scan_values(partition, count):
+                yield name
+
+    async def unlink_partitions(
+        self, partitions: Iterable[int], prefix: bytes = b"", batch: int = 500
+    ) -> int:
+        """``unlink_partition`` of several partitions."""
+        return sum([await self.unlink_partition(p, prefix, batch) for p in partitions])
 
     @cancellable
     async def unlink_partition(self, partition: int, prefix: bytes = b"", batch: int = 500) -> int:

@@ -29,8 +29,12 @@ from typing import Any
 
 import redis as redis_lib
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
+from .. import checks
+from .. import cluster as cluster_mod
 from .. import server as server_mod
+from .. import tags as tagmod
 from .._sentinel import MISSING
 from ..codec import Codec
 from ..commands import LeaseResult, WriteResult
@@ -39,7 +43,6 @@ from ..core import (
     _POLL_FIRST,
     _POLL_MAX,
     _REJECTED,
-    _WRITE_ATTEMPTS,
     CacheCore,
     _Hit,
     _key_in_block,
@@ -53,9 +56,11 @@ from ..keys import MAX_KEY_BYTES, decode_key, encode_key
 from ..local import LocalCache, TieredFront
 from ..protocol import OP_CLEAR, OP_CLEAR_PREFIX, OP_DELETE, OP_SET, FillGuard
 from ..signing import Secret
+from ..tags import TagsArg, TagState, TtlArg
 from .driver import AsyncDriver, make_async_client
 from .listener import AsyncListener
 from .stampede import AsyncRefresher, AsyncSingleFlight
+from .tagging import AsyncTaggingMixin
 
 log = logging.getLogger("tiercache")
 
@@ -86,15 +91,20 @@ async def _call_loader(loader: Loader, key: Any, pool: Executor | None = None) -
         return MISSING
 
 
-class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
+class AsyncTieredCache(AsyncTaggingMixin, TieredFront, CacheCore):  # type: ignore[misc]
     """TieredCache's API as coroutines: a local tier per process in front of a shared Redis.
 
     ``await cache.get(k)``, ``await cache.set(k, v)``, ``await cache.get_or_load(k, loader)``,
     ``await cache.invalidate(k)``, ``await cache.delete(k)``, ``get_many``, ``get_or_load_many``,
     ``clear``, ``stats()`` (plain), ``await cache.aclose()`` or ``async with``. Takes the options
     of TieredCache but ``bloom=``; ``redis`` is a URL, a ``redis.asyncio.Redis``, or None for an
-    embedded development server. Plain loaders run in the loop's default executor; their
-    background refreshes in at most ``refresh_workers`` threads of the cache's own.
+    embedded development server (Redis Cluster and Sentinel are not supported yet: they raise
+    NotImplementedError). Plain loaders run in the loop's default executor; their background
+    refreshes in at most ``refresh_workers`` threads of the cache's own.
+
+    Tags (``set(..., tags=)``, ``invalidate_tag``), ``bump_namespace``, sliding and adaptive TTL
+    and ``set(..., write_behind=True)`` work as in TieredCache and interoperate with it on one
+    namespace; ``warm`` is TieredCache's only (NotImplementedError here).
     """
 
     def __init__(
@@ -106,7 +116,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         local_policy: str = "lru",
         local_ttl: float = 60.0,
         local_maxbytes: int | None = None,
-        ttl: float | None = None,
+        ttl: TtlArg = None,
         loader: Loader | None = None,
         serializer: str | Codec | None = None,
         secret: Secret | None = None,
@@ -132,10 +142,22 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         on_invalidate: Callable[[Any, int], None] | None = None,
         on_resync: Callable[[str], None] | None = None,
         heartbeat_interval: float = 5.0,
-        partitions: int = 1,
+        partitions: int | None = None,
         max_key_bytes: int = MAX_KEY_BYTES,
         timer: Callable[[], float] | None = None,
+        tags: TagsArg = None,
+        sliding: bool = False,
+        sliding_interval: float | None = None,
     ) -> None:
+        if isinstance(redis, AsyncRedisCluster) or (
+            isinstance(redis, str)
+            and (cluster_mod.is_cluster(redis) or cluster_mod.is_sentinel(redis))
+        ):
+            raise NotImplementedError(
+                "AsyncTieredCache does not support Redis Cluster or Sentinel yet: use TieredCache "
+                "(docs/cluster.md, docs/asyncio.md)"
+            )
+        partitions = 1 if partitions is None else partitions
         self._configure(
             namespace=namespace,
             local_maxsize=local_maxsize,
@@ -167,6 +189,9 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             partitions=partitions,
             max_key_bytes=max_key_bytes,
             timer=timer,
+            tags=tags,
+            sliding=sliding,
+            sliding_interval=sliding_interval,
         )
         self._flights = AsyncSingleFlight()
         self._refresher = AsyncRefresher()
@@ -193,6 +218,8 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         else:
             raise TypeError("AsyncTieredCache takes a URL or a redis.asyncio.Redis client")
         self._driver = AsyncDriver(client, self._keys, log_maxlen=log_maxlen)
+        self._checked = False  # the server's configuration (checks.check_server_async)
+        tagmod.install_scripts(self._driver.commands)
         self._fresh_local_tier()
 
     # -- set-up and lifecycle -----------------------------------------------------------------
@@ -200,6 +227,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
     def _fresh_local_tier(self) -> None:
         self._l1 = LocalCache(self._local_maxsize, **self._l1_args)
         self._guard = FillGuard()
+        self._tags = TagState()  # the tag versions known here, the local copies' tags
         self._front_init(self._l1)
 
     def _ensure_listener(self) -> None:
@@ -216,6 +244,11 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
 
     async def start(self) -> AsyncTieredCache:
         """Start the listener and wait (at most ``startup_timeout``) until local copies serve."""
+        if self._server is None and not self._checked:  # (the embedded server is not checked)
+            self._checked = True
+            await checks.check_server_async(
+                self._driver.client, entries_expire=self._ttl is not None
+            )
         if not await self.wait_ready(self._startup_timeout):
             log.warning(
                 "tiercache %r: invalidation channel not ready after %.1fs; the local tier "
@@ -291,6 +324,10 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             self._clock.calibrate(*await self._driver.server_time())
         except redis_lib.RedisError:
             pass  # versions stay monotone without it; the next recovery tries again
+        try:  # a bump may have been missed, or the generation lost with the data: Redis says
+            await self._reload_generation(force=True)
+        except redis_lib.RedisError:
+            pass  # reads and writes check it themselves until the channel is whole
         if recovered:
             self._counters.add("resyncs")
             self._hook(self._on_resync, "resynced")
@@ -328,7 +365,15 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         value = await self._read(key, self._loader, self._ttl)
         return default if value is MISSING else value
 
-    async def get_or_load(self, key: Hashable, loader: Loader, ttl: float | None = None) -> Any:
+    async def get_or_load(
+        self,
+        key: Hashable,
+        loader: Loader,
+        ttl: TtlArg = None,
+        *,
+        tags: TagsArg = None,
+        sliding: bool | None = None,
+    ) -> Any:
         """The value of ``key``; on a miss, ``loader(key)`` once across processes, then stored.
 
         As TieredCache.get_or_load; ``loader`` may be ``async def`` or a plain function (run in
@@ -336,16 +381,18 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         """
         value = _front_get(self, key, _NOT_LOCAL)
         if value is _NOT_LOCAL:
-            value = await self._read(key, loader, self._ttl if ttl is None else ttl)
+            value = await self._read(key, loader, self._policy(ttl, tags, sliding))
         if value is MISSING:
             raise KeyError(key)
         return value
 
-    async def _read(self, key: Hashable, loader: Loader | None, ttl: float | None) -> Any:
+    async def _read(self, key: Hashable, loader: Loader | None, ttl: Any) -> Any:
         """The value of ``key`` from the first tier that has it; ``MISSING`` if none has it."""
         encoded = encode_key(key)
-        slot = self._slot(key, encoded)
         self._ensure_listener()
+        if not self._local_usable:
+            await self._check_generation()
+        slot = self._slot(key, encoded)
         if self._local_usable:
             e = slot.l1.entry(slot.key)
             if e is not None and e.fresh_until > slot.l1.timer():
@@ -356,7 +403,9 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             raw = await self._driver.get(self._keys.value(encoded))
         except redis_lib.RedisError as err:
             return await self._read_failed(err, key, encoded, slot, loader)
-        hit = self._decode(raw, encoded, floor) if raw is not None else None
+        hit = (
+            await self._vet(self._decode(raw, encoded, floor), encoded) if raw is not None else None
+        )
         if hit is not None and hit is not _REJECTED:
             self._counters.add("remote_hits")
             return self._serve(key, encoded, slot, ticket, hit, loader, ttl)
@@ -402,7 +451,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         encoded: bytes,
         slot: _Slot,
         loader: Loader,
-        ttl: float | None,
+        ttl: Any,
         rejected: bytes | None = None,
     ) -> Any:
         """Load a missing key once across processes: take its lease or wait for its value."""
@@ -427,7 +476,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         key: Hashable,
         encoded: bytes,
         slot: _Slot,
-        ttl: float | None,
+        ttl: Any,
         rejected: bytes | None = None,
     ) -> _PendingLoad | Any:
         """Before calling a loader: our lease (a ``_PendingLoad``), or the value that arrived."""
@@ -437,7 +486,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         for _ in range(2):  # a value that arrives while we wait to replace a bad one is served
             if lease is None or lease.kind != "v":
                 break
-            hit = self._lease_value(lease, encoded, floor)
+            hit = await self._vet(self._lease_value(lease, encoded, floor), encoded)
             if hit is not None:
                 return self._serve(key, encoded, slot, ticket, hit, None, ttl)
             lease = await self._acquire_lease(encoded, lease.envelope)  # unreadable, or expired
@@ -455,8 +504,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             await self._release(pending.encoded, lease.envelope)
             raise
         if made is not None:
-            env, packed = made
-            await self._fill(pending, env, packed, value)
+            await self._fill(pending, made, value)
         return value
 
     async def _release_pending(self, pending: _PendingLoad) -> None:
@@ -488,18 +536,19 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             await asyncio.sleep(self._lease_delay(lease, delay, left))
             delay = min(delay * 1.5, _POLL_MAX)
 
-    async def _fill(self, pending: _PendingLoad, env: Envelope, packed: bytes, value: Any) -> None:
+    async def _fill(self, pending: _PendingLoad, env: Envelope, value: Any) -> None:
         lease = pending.lease
         assert lease is not None and lease.envelope is not None
+        encoded = pending.encoded
+        ext = self._ext_of(env, encoded)
         try:
-            stored = await self._driver.fill(
-                pending.encoded, lease.envelope, packed, self._redis_ttl_ms(env)
-            )
+            stored = await self._driver.call(self._fill_call(encoded, lease.envelope, env, ext))
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
-            self._warn(f"fill of {pending.encoded[:60]!r} failed: {err}")
+            self._warn(f"fill of {encoded[:60]!r} failed: {err}")
             return
-        self._filled(stored, pending.slot, pending.ticket, env, value)
+        if self._filled(stored, pending.slot, pending.ticket, env, value, encoded, ext):
+            await self._release(encoded, lease.envelope)  # refused for a tag: our lease may stay
 
     async def _release(self, encoded: bytes, lease: bytes) -> None:
         try:
@@ -545,11 +594,11 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         value = await _call_loader(loader, key, self._refresh_pool)
         payload, flags = self._payload(value)
         load_ms = (time.monotonic() - started) * 1000.0
-        env = self._value_envelope(payload, flags, ttl, version, load_ms)
-        packed = self._pack(env, encoded)
-        if await self._driver.refresh(encoded, version, packed, self._redis_ttl_ms(env), token):
+        env = self._value_envelope(payload, flags, ttl, version, load_ms, encoded, value)
+        ext = self._ext_of(env, encoded)
+        if await self._driver.call(self._refresh_call(encoded, version, env, ext, token)):
             self._counters.add("refreshes")
-            self._install(ticket, slot, env.version, self._local_fresh(env), value)
+            self._install(ticket, slot, env.version, self._local_fresh(env), value, ext)
         else:
             self._counters.add("stale_fills_rejected")  # a write or delete landed meanwhile
 
@@ -588,7 +637,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         to_load = []
         for key, enc, floor, lease in zip(missing, encoded, floors, leases, strict=True):
             if lease is not None and lease.kind == "v":
-                hit = self._lease_value(lease, enc, floor)
+                hit = await self._vet(self._lease_value(lease, enc, floor), enc)
                 if hit is not None:
                     if hit[5] is not MISSING:
                         found[key] = hit[5]
@@ -611,7 +660,7 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             if lease is None or lease.kind != "l" or lease.envelope is None:
                 continue
             payload, flags = self._payload(value)
-            env = self._value_envelope(payload, flags, ttl, lease.version, load_ms)
+            env = self._value_envelope(payload, flags, ttl, lease.version, load_ms, enc, value)
             fills.append((key, enc, lease.envelope, env, value))
         if fills:
             await self._fill_many(fills, tickets)
@@ -635,6 +684,8 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
                     found[key] = value
                 continue
             pending.append((key, encoded, slot))
+        if pending and not self._local_usable:
+            await self._check_generation()
         ticket = self._guard.ticket()
         floors = [self._floor(slot.guard) for _, _, slot in pending]
         tickets = {key: ticket for key, _, _ in pending}
@@ -646,7 +697,9 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
             raise CacheUnavailable(f"Redis read failed: {err}") from err
         missing = []
         for (key, encoded, slot), floor, raw in zip(pending, floors, raws, strict=True):
-            hit: _Hit | None = self._decode(raw, encoded, floor) if raw is not None else None
+            hit: _Hit | None = None
+            if raw is not None:
+                hit = await self._vet(self._decode(raw, encoded, floor), encoded)
             if hit is None or hit is _REJECTED:
                 self._counters.add("misses")
                 missing.append(key)
@@ -662,31 +715,54 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         fills: list[tuple[Hashable, bytes, bytes, Envelope, Any]],
         tickets: dict[Hashable, int],
     ) -> None:
-        items = [
-            (e, lease, self._pack(env, e), self._redis_ttl_ms(env)) for _, e, lease, env, _ in fills
-        ]
+        exts = [self._ext_of(env, e) for _, e, _, env, _ in fills]
         try:
-            stored = await self._driver.fills(items)
+            calls = [
+                self._fill_call(e, lease, env, ext)
+                for (_, e, lease, env, _), ext in zip(fills, exts, strict=True)
+            ]
+            stored = [r is True for r in await self._driver.call_many(calls)]
         except redis_lib.RedisError as err:
             self._counters.add("write_errors")
             self._warn(f"batch fill failed: {err}")
             return
-        for (key, enc, _, env, value), ok in zip(fills, stored, strict=True):
-            self._filled(ok, self._slot(key, enc), tickets.get(key, -1), env, value)
+        for (key, enc, _, env, value), ext, ok in zip(fills, exts, stored, strict=True):
+            self._filled(ok, self._slot(key, enc), tickets.get(key, -1), env, value, enc, ext)
 
     # -- writes -------------------------------------------------------------------------------
 
-    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here."""
-        encoded, slot, env = self._set_envelope(key, value, ttl)
+    async def set(
+        self,
+        key: Hashable,
+        value: Any,
+        ttl: TtlArg = None,
+        *,
+        tags: TagsArg = None,
+        sliding: bool | None = None,
+        write_behind: bool = False,
+    ) -> None:
+        """Write ``value`` through to Redis (for ``ttl`` seconds, default the cache's) and here.
+
+        ``ttl``, ``tags``, ``sliding`` and ``write_behind`` as for TieredCache.set (the queued
+        writes are flushed by a tiercache.writebehind.WriteBehind, which is synchronous).
+        """
+        encoded, slot, env = self._set_envelope(key, value, ttl, tags, sliding)
         self._ensure_listener()
+        if not self._local_usable:
+            await self._check_generation()
         ticket = self._guard.ticket()
-        applied = await self._write(key, encoded, slot, OP_SET, env)
+        applied = await self._write(key, encoded, slot, OP_SET, env, write_behind)
         if applied is not None:
-            self._set_done(ticket, slot, applied, env, value)
+            self._set_done(ticket, slot, applied, env, value, encoded)
 
     async def _write(
-        self, key: Hashable, encoded: bytes, slot: _Slot, op: str, env: Envelope
+        self,
+        key: Hashable,
+        encoded: bytes,
+        slot: _Slot,
+        op: str,
+        env: Envelope,
+        behind: bool = False,
     ) -> WriteResult | None:
         """Run the write script for ``op``; the local copy is dropped before, and after a failure.
 
@@ -694,22 +770,18 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         a timeout, before the cancellation propagates.
         """
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
+        ext = self._ext_of(env, encoded)
         try:
-            for _ in range(_WRITE_ATTEMPTS):
-                result = await self._driver.write(
-                    encoded,
-                    op,
-                    env.version,
-                    self._pack(env, encoded),
-                    **self._write_args(encoded, op, env),
-                )
+            for attempt in range(self._write_attempts(ext)):
+                call = self._write_call(encoded, op, env, ext, behind)
+                result: WriteResult = await self._driver.call(call)
                 if result.applied:
                     break
-                env = self._write_retry(result, env)
+                env = self._write_retry(result, env, ext, attempt)
             else:
                 raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
         except redis_lib.RedisError as err:
-            self._write_unknown(key, slot, env, err)
+            self._write_unknown(key, slot, env, err, behind)
             return None
         except asyncio.CancelledError:
             with self._guard.lock:
@@ -728,10 +800,26 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         """Remove ``key`` everywhere (Redis and every local tier); whether it was anywhere."""
         return await self._delete(key)
 
-    async def _delete(self, key: Hashable) -> bool:
+    async def write_around(self, key: Hashable) -> bool:
+        """After the caller wrote ``key`` to the origin: drop it everywhere (versioned tombstone).
+
+        As TieredCache.write_around; whether it was cached.
+        """
+        return await self._delete(key)
+
+    async def warm(self, *args: Any, **kwargs: Any) -> Any:
+        """Not available on the asyncio cache: use TieredCache.warm (tiercache.warm)."""
+        raise NotImplementedError(
+            "AsyncTieredCache.warm is not implemented: warm the namespace with a TieredCache "
+            "(its entries serve every cache of the namespace)"
+        )
+
+    async def _delete(self, key: Hashable, behind: bool = False) -> bool:
         encoded, slot, env, was_local = self._delete_envelope(key)
         self._ensure_listener()
-        result = await self._write(key, encoded, slot, OP_DELETE, env)
+        if not self._local_usable:
+            await self._check_generation()
+        result = await self._write(key, encoded, slot, OP_DELETE, env, behind)
         if result is None:
             return True  # Redis failed and the failure was swallowed: it may have been there
         self._counters.add("deletes")
@@ -748,8 +836,9 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         forget(prefix)
         op = OP_CLEAR_PREFIX if prefix else OP_CLEAR
         try:
-            for partition in range(self._keys.partitions):
-                await self._driver.unlink_partition(partition, self._keys.clip(prefix))
+            partitions = range(self._keys.partitions)
+            await self._driver.unlink_partitions(partitions, self._keys.clip(prefix))
+            for partition in partitions:
                 version = self._clock.next()
                 sig = self._sign_message(prefix, version, op)
                 await self._driver.announce_clear(partition, version, self._origin, prefix, sig)
@@ -772,23 +861,22 @@ class AsyncTieredCache(TieredFront, CacheCore):  # type: ignore[misc]
         """The keys stored in Redis for this namespace (SCAN-based: not a snapshot, not O(1))."""
         seen: set[bytes] = set()
         try:
-            for partition in range(self._keys.partitions):
-                async for name in self._driver.scan_values(partition):
-                    if name in seen:
-                        continue
-                    seen.add(name)
-                    stored = self._keys.encoded_of_value_key(name)
-                    try:
-                        if self._keys.is_digest(stored):  # a long key: it is inside the value
-                            raw = await self._driver.get(name) or b""
-                            inner = raw[HEADER_SIZE + raw[5] :] if len(raw) > 5 else b""
-                            stored = _key_in_block(inner)
-                            if self._keys.value(stored) != name:
-                                continue
-                        key = decode_key(stored)
-                    except ValueError:
-                        continue  # not one of ours
-                    yield key
+            async for name in self._driver.scan_values_of(range(self._keys.partitions)):
+                if name in seen:
+                    continue
+                seen.add(name)
+                stored = self._keys.encoded_of_value_key(name)
+                try:
+                    if self._keys.is_digest(stored):  # a long key: it is inside the value
+                        raw = await self._driver.get(name) or b""
+                        inner = raw[HEADER_SIZE + raw[5] :] if len(raw) > 5 else b""
+                        stored = _key_in_block(inner)
+                        if self._keys.value(stored) != name:
+                            continue
+                    key = decode_key(stored)
+                except ValueError:
+                    continue  # not one of ours
+                yield key
         except redis_lib.RedisError as err:
             raise CacheUnavailable(f"Redis scan failed: {err}") from err
 

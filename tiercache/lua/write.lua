@@ -11,6 +11,7 @@
 -- ARGV[8] encoded user key (for the message), ARGV[9] the message's signature ("-": none),
 -- ARGV[10] the highest plausible version (Redis time + 1 h): a stored version above it was
 -- planted, not written by a cache, and is overwritten rather than obeyed
+-- ARGV[11] "S": publish with SPUBLISH (Redis Cluster, sharded pub/sub); "P" (or absent): PUBLISH
 --
 -- One key holds a value, a tombstone or a fill lease (tiercache/envelope.py): overwriting it is
 -- what makes a pending fill fail. Returns {1, version, seq, existed} when applied (existed: a
@@ -62,5 +63,5 @@ end
 local msg = "TC1 " .. string.format("%.0f", seq) .. " " .. start .. " " .. ARGV[2] .. " "
   .. ARGV[5] .. " " .. op .. " " .. ARGV[9] .. "\n" .. ARGV[8]
 redis.call("XADD", KEYS[2], "MAXLEN", "~", ARGV[7], "*", "m", msg)
-redis.call("PUBLISH", ARGV[6], msg)
+redis.call(ARGV[11] == "S" and "SPUBLISH" or "PUBLISH", ARGV[6], msg)
 return {1, ARGV[2], seq, existed}
