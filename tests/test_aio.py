@@ -638,3 +638,28 @@ def test_a_lost_channel_turns_the_local_tier_off_until_it_resyncs(
             await c.clear()
 
     arun(main)
+
+
+def test_write_around_decorator_with_the_async_cache(url: str) -> None:
+    from tiercache import write_around
+
+    async def main() -> None:
+        async with AsyncTieredCache(url, namespace="wa", health_timeout=5.0) as a:
+            origin: dict[int, str] = {}
+
+            @write_around(a, key=lambda uid, name: ("user", uid))
+            async def rename(uid: int, name: str) -> None:
+                origin[uid] = name
+
+            await a.set(("user", 1), "old")
+            await rename(1, "new")
+            assert await a.get(("user", 1)) is None and origin == {1: "new"}
+
+            @write_around(a)
+            def blocking(uid: int) -> None:
+                pass
+
+            with pytest.raises(TypeError, match="async def writer"):
+                blocking(1)
+
+    arun(main)
