@@ -12,7 +12,8 @@
 #   make redis    make a Redis server binary available (scripts/install-redis.sh)
 #   make clean    remove the venv, build artifacts and the in-place .so/.c
 #
-# PYTEST_ARGS='-x -k name' is passed to every pytest run, TESTS='tests/test_x.py' narrows make
+# PYTEST_ARGS='-x -k name' is passed to every pytest run (PYTEST_WORKERS=3 parallel workers for
+# make test, 0 for a serial run), TESTS='tests/test_x.py' narrows make
 # test/soak to some files; PYTHON picks the interpreter of the venv.
 # GNU make >= 4.3 (grouped targets).
 
@@ -23,6 +24,7 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 3
 TESTS ?= tests
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -96,8 +98,10 @@ $(REDIS_STAMP): scripts/install-redis.sh | $(VENV_STAMP)
 	PYTHON=$(PY) scripts/install-redis.sh
 	touch $@
 
+# The suite waits on servers and processes more than it computes: several workers (one test file
+# each at a time, so module fixtures stay whole) keep both cores busy. PYTEST_WORKERS=0: serial.
 test: build $(REDIS_STAMP)
-	@$(call run_suite,test,-m 'not slow')
+	@$(call run_suite,test,-m 'not slow' -n $(PYTEST_WORKERS) --dist loadfile)
 
 soak: build $(REDIS_STAMP)
 	@( $(call run_suite,soak,-m slow) ) || { rc=$$?; [ $$rc = 5 ] && echo "no slow tests yet" || exit $$rc; }

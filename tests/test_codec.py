@@ -193,6 +193,12 @@ def tuples_to_lists(v: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+def _stable_id(value: object) -> str:
+    """A test id that is the same in every process (no object addresses: pytest-xdist)."""
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(values)
 def test_msgpack_roundtrip_property(value: Any) -> None:
@@ -234,7 +240,7 @@ def test_msgpack_roundtrip_property(value: Any) -> None:
         UUID(int=0),
         UUID(int=2**128 - 1),
     ],
-    ids=repr,
+    ids=_stable_id,
 )
 def test_msgpack_roundtrip_examples(value: Any) -> None:
     out = roundtrip(value)
@@ -562,6 +568,101 @@ def test_msgpack_timestamp_ext_is_inert() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# msgpack: the fast paths write and read the same wire format
+# ---------------------------------------------------------------------------------------------
+
+WIRE_VALUE: dict[str, Any] = {
+    "t": (1, "a"),
+    "s": {2},
+    "f": frozenset({3}),
+    "d": {1: "x"},
+    "b": {b"k": b"v"},
+    "big": 2**70,
+    "dt": datetime(2024, 3, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+    "named": datetime(2024, 3, 1, tzinfo=timezone(timedelta(hours=2), "X")),
+    "zone": datetime(2023, 10, 29, 2, 30, tzinfo=ZoneInfo("Europe/Paris"), fold=1),
+    "naive": datetime(2024, 1, 1),
+    "date": date(2024, 2, 29),
+    "time": time(1, 2, 3, 4, tzinfo=timezone(timedelta(hours=-5))),
+    "td": timedelta(days=-1, seconds=5),
+    "dec": Decimal("-1.50"),
+    "uuid": UUID(int=1),
+    "l": [[1, (2, [3])], None, True, 1.5],
+}
+# Written by the codec before its encoder and decoder were rewritten for speed.
+WIRE_BYTES = bytes.fromhex(
+    "de0010a17493c7000101a161a17392c7000202a16692c7000303a16493c7000401a178a16281c4016bc40176"
+    "a3626967c70905400000000000000000a26474c7150607e803010203040000000500010000000000000000a5"
+    "6e616d6564c7160607e8030100000000000000000200000001ad27480058a47a6f6e65c7190607e70a1d021e"
+    "000000000001034575726f70652f5061726973a56e61697665c70c0607e801010000000000000000a4646174"
+    "65d60707e8021da474696d65c71108010203000000040001fffffffbcf1dcc00a27464c70c09ffffffff0000"
+    "000500000000a3646563c7050a2d312e3530a475756964d80b00000000000000000000000000000001a16c94"
+    "920193c70001029103c0c3cb3ff8000000000000"
+)
+
+
+def test_msgpack_wire_format_is_stable() -> None:
+    assert MSGPACK.dumps(WIRE_VALUE) == WIRE_BYTES
+    assert same(MSGPACK.loads(WIRE_BYTES), WIRE_VALUE)
+    for key, value in WIRE_VALUE.items():  # each alone: the scalar and container paths
+        assert same(roundtrip(value), value), key
+        assert same(roundtrip([value]), [value]), key
+
+
+def test_msgpack_markers_in_any_ext_encoding() -> None:
+    """A marker written as ext 16/32 (not by our packer) is still a marker; marker-like bytes
+    inside data do not confuse the marker-free fast path."""
+    ext16 = b"\x92\xc8\x00\x00\x01\x05"  # [<tuple marker as ext 16>, 5]
+    ext32 = b"\x92\xc9\x00\x00\x00\x00\x01\x05"
+    assert same(MSGPACK.loads(ext16), (5,))
+    assert same(MSGPACK.loads(ext32), (5,))
+    with pytest.raises(ValueError):
+        MSGPACK.loads(b"\x92\x05\xc8\x00\x00\x01")  # marker not first, ext 16
+    for value in ("\u01c0\x00", b"\xc7\x00\x01", [b"\xc7\x00", (1,)], {"k": "\xc7\x00"}):
+        assert same(roundtrip(value), value)
+
+
+def test_msgpack_many_time_zones() -> None:
+    """The tz caches are bounded and keyed so that equal offsets with other names stay apart."""
+    zones = [timezone(timedelta(minutes=m)) for m in range(-600, 600, 3)]
+    zones += [timezone(timedelta(minutes=m), f"n{m}") for m in range(-600, 600, 3)]
+    values = [datetime(2024, 1, 1, tzinfo=tz) for tz in zones]
+    assert same(roundtrip(values), values)
+    assert same(roundtrip(values[::-1]), values[::-1])
+    unnamed = datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=1)))
+    named = datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=1), "CET"))
+    for _ in range(2):
+        assert same(roundtrip([unnamed, named, unnamed]), [unnamed, named, unnamed])
+
+
+def test_msgpack_wide_values_fall_back_exactly() -> None:
+    """Values the fast validation refuses deep inside wide levels are converted or refused just as
+    at the top: non-str keys, bytes keys, unsupported types, subclasses, depth."""
+    rows = [{"id": i, "tags": ["a", "b"], "m": {"k": [i, 1.5]}} for i in range(40)]
+    for bad, error in (
+        (bytearray(b"x"), TypeError),
+        (memoryview(b"x"), TypeError),
+        (ExtType(1, b""), TypeError),
+        (Color.RED, TypeError),
+        (Foo(), TypeError),
+    ):
+        wide = [dict(r) for r in rows]
+        wide[17]["m"] = {"k": [1, {"deep": bad}]}
+        with pytest.raises(error):
+            MSGPACK.dumps(wide)
+    for odd in ({1: "int key"}, {b"b": 1, "s": 2}, {(1, 2): {3}}, {UUID(int=5): Decimal(1)}):
+        wide = [dict(r) for r in rows]
+        wide[31]["m"] = {"k": [1, odd]}
+        assert same(roundtrip(wide), wide)
+    deep: Any = 0
+    for _ in range(MAX_DEPTH - 2):
+        deep = [deep]
+    assert same(roundtrip([dict(r) for r in rows] + [deep]), [dict(r) for r in rows] + [deep])
+    with pytest.raises(ValueError, match="deeper"):
+        MSGPACK.dumps([dict(r) for r in rows] + [[[deep]]])
+
+
+# ---------------------------------------------------------------------------------------------
 # json
 # ---------------------------------------------------------------------------------------------
 
@@ -613,7 +714,7 @@ def test_json_cross_backend(json_backend: str) -> None:
         (-(2**63) - 1, ValueError, "64 bits"),
         ("\ud800", ValueError, "surrogates"),
     ],
-    ids=repr,
+    ids=_stable_id,
 )
 def test_json_refusals(json_backend: str, value: Any, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
@@ -698,7 +799,7 @@ def test_resolve_codec() -> None:
         42,
         type("Sub", (MsgpackCodec,), {})(),  # a subclass keeping id 1 would alias the built-in
     ],
-    ids=repr,
+    ids=_stable_id,
 )
 def test_resolve_codec_rejects(bad: Any) -> None:
     with pytest.raises(ValueError):

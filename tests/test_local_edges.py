@@ -314,6 +314,16 @@ def test_delete_during_iteration_raises(policy: str) -> None:
     with pytest.raises(RuntimeError):
         for k in c2:
             c2[k + 100] = 0  # inserting too
+    c3 = LocalCache(8, policy=policy)
+    c3.update({i: i for i in range(5)})
+    with pytest.raises(RuntimeError):
+        for _ in c3:
+            c3.clear()  # and clearing
+    c4 = LocalCache(5, policy=policy)
+    c4.update({i: i for i in range(5)})
+    with pytest.raises(RuntimeError):
+        for k in c4:
+            c4[k + 100] = 0  # a full cache keeps its size, but never yields more than it had
 
 
 def test_iteration_skips_expired_entries(policy: str) -> None:
@@ -624,6 +634,51 @@ class _Colliding:
         return self is other
 
 
+class _FailingEq(_Colliding):
+    __hash__ = _Colliding.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        raise ZeroDivisionError("from __eq__")
+
+
+def test_key_eq_errors_propagate(policy: str) -> None:
+    """An exception from a colliding key's __eq__ reaches the caller of every lookup, as with a
+    dict, and leaves the cache as it was."""
+    c = LocalCache(4, policy=policy)
+    stored = _Colliding()
+    c[stored] = "stored"
+    probe = _FailingEq()
+    for op in (
+        lambda: c[probe],
+        lambda: c.get(probe),
+        lambda: probe in c,
+        lambda: c.entry(probe),
+        lambda: c.pop(probe, None),
+        lambda: c.__setitem__(probe, 1),
+        lambda: c.setdefault(probe, 1),
+    ):
+        with pytest.raises(ZeroDivisionError):
+            op()
+    assert list(c.items()) == [(stored, "stored")] and c[stored] == "stored"
+    assert_consistent(c)
+
+
+def test_many_colliding_keys(policy: str) -> None:
+    """Keys that all share one hash are told apart by ``==``, through growth and removals."""
+    c = LocalCache(50, policy=policy)
+    keys = [_Colliding() for _ in range(80)]
+    for i, k in enumerate(keys):
+        c[k] = i
+    live = [k for k in keys if k in c]
+    assert len(live) == len(c) == 50
+    for k in live[::2]:
+        del c[k]
+    for k in live[1::2]:
+        assert c[k] == keys.index(k)
+    assert all(k not in c for k in live[::2])
+    assert_consistent(c)
+
+
 @pytest.mark.timeout(60)
 def test_reentrant_mutation_from_key_eq_raises(policy: str) -> None:
     """A key's __eq__ that writes to the cache mid-write gets RuntimeError, not a deadlock."""
@@ -830,3 +885,260 @@ def test_gc_finalizer_mid_write_does_not_deadlock(policy: str) -> None:
     assert set(_CyclicFinalizer.outcomes) <= {"ok", "RuntimeError"}, _CyclicFinalizer.outcomes
     assert c.currbytes == 10 * len(c) <= 400
     assert_consistent(c)
+
+
+# -- cycles through the cache -------------------------------------------------------------------
+
+
+class _Node:
+    """A value or key that can point back at the cache."""
+
+    def __init__(self, n: int, sink: object) -> None:
+        self.n = n
+        self.cache: Any = None
+        self.payload = [n, "payload"]
+        self.sink = sink
+
+    def __hash__(self) -> int:
+        return hash(self.n)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Node) and other.n == self.n
+
+
+def _filled_with_cycles(policy: str, sink: object) -> LocalCache:
+    """A cache whose values and keys refer to it, each also holding ``sink``: a default-TTL
+    entry, a per-key TTL (heap) entry, a plain entry, a node key, and a tuple value (which the
+    collector cannot clear: the cache itself must let go of it)."""
+    c = LocalCache(8, policy=policy, ttl=100.0)
+    nodes = [_Node(i, sink) for i in range(4)]
+    for node in nodes:
+        node.cache = c
+    c["ring"] = nodes[0]
+    c.set("heap", nodes[1], ttl=50.0)
+    c.set("plain", nodes[2], ttl=math.inf)
+    c[nodes[3]] = "value of a node key"
+    c["tuple"] = (c, sink)
+    return c
+
+
+def test_cycle_through_values_and_keys_is_collected(policy: str) -> None:
+    """value -> cache -> entry -> value (and the same through a key) is garbage the cyclic
+    collector frees, whichever expiry structure the entry is in."""
+    sink = object()
+    base = sys.getrefcount(sink)
+    c = _filled_with_cycles(policy, sink)
+    assert sys.getrefcount(sink) == base + 5
+    del c
+    gc.collect()
+    assert sys.getrefcount(sink) == base  # everything that held it was freed
+
+
+def test_collector_keeps_what_is_reachable(policy: str) -> None:
+    """Values and keys in cycles with a live cache, or with an entry someone holds, survive
+    collections intact; the cycle is freed once the last outside reference goes."""
+    sink = object()
+    base = sys.getrefcount(sink)
+    c = _filled_with_cycles(policy, sink)
+    held = c.entry("heap")  # an outside reference to one entry only
+    gc.collect()
+    assert c["ring"].payload == [0, "payload"] and c["heap"].cache is c
+    assert sorted(k.n for k in c if isinstance(k, _Node)) == [3] and c["tuple"][0] is c
+    it = iter(c)  # an iteration in progress
+    next(it)
+    del c
+    gc.collect()
+    assert held is not None and held.value.payload == [1, "payload"]
+    cache = held.value.cache
+    assert cache["plain"].payload == [2, "payload"] and cache.entry("heap") is held
+    assert len(cache) == 5 and sys.getrefcount(sink) == base + 5
+    del cache, it
+    gc.collect()
+    assert held.value.cache["ring"].payload == [0, "payload"]
+    del held
+    gc.collect()
+    assert sys.getrefcount(sink) == base
+
+
+# -- on_evict -----------------------------------------------------------------------------------
+
+
+class Recorder:
+    """An on_evict hook that records what it is told."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, Any, str]] = []
+
+    def __call__(self, key: Any, value: Any, cause: str) -> None:
+        self.log.append((key, value, cause))
+
+
+def test_on_evict_reports_size_evictions_only(policy: str) -> None:
+    """Victims of the size bound are reported with their own key and value, in eviction order;
+    del, pop, popitem, clear and replaced values are not."""
+    hook = Recorder()
+    c = LocalCache(2, policy=policy, on_evict=hook)
+    assert c.on_evict is hook
+    c["a"] = "A"
+    c["b"] = "B"
+    c["a"] = "A2"  # a replaced value: not an eviction
+    assert hook.log == []
+    c["c"] = "C"  # evicts one of a, b
+    [(key, value, cause)] = hook.log
+    assert cause == "size" and key not in c and value == {"a": "A2", "b": "B"}[key]
+    del c["c"]
+    c.pop(next(iter(c)))
+    c["d"] = "D"
+    c.popitem()
+    c["e"] = "E"
+    c.clear()
+    assert len(hook.log) == 1 == c.stats()["evictions"]
+
+
+def test_on_evict_lru_order_and_reused_entries() -> None:
+    """LRU: a full cache reports each victim's own key and value (the C build reuses the
+    victim's entry object for the new key), least recent first."""
+    hook = Recorder()
+    c = LocalCache(3, on_evict=hook)
+    for i in range(6):
+        c[f"k{i}"] = i
+        if i == 3:
+            assert c["k1"] == 1  # k1 becomes the most recent
+    assert hook.log == [("k0", 0, "size"), ("k2", 2, "size"), ("k3", 3, "size")]
+    assert list(c) == ["k1", "k4", "k5"]
+
+
+def test_on_evict_reports_every_victim_of_one_write(policy: str) -> None:
+    """A heavy value evicts several entries at once: each is reported, none twice."""
+    hook = Recorder()
+    c = LocalCache(10, policy=policy, maxbytes=10, getsizeof=len, on_evict=hook)
+    for key in "abcde":
+        c[key] = key * 2
+    c["big"] = "x" * 9  # leaves room for nothing else
+    assert sorted(hook.log) == [(k, k * 2, "size") for k in "abcde"]
+    assert list(c.items()) == [("big", "x" * 9)]
+    assert c.stats()["evictions"] == 5
+
+
+def test_on_evict_maxsize_zero(policy: str) -> None:
+    """With maxsize 0 the value written is evicted at once, and reported so."""
+    hook = Recorder()
+    c = LocalCache(0, policy=policy, on_evict=hook)
+    c["k"] = "v"
+    assert c.setdefault("s", "d") == "d"
+    assert hook.log == [("k", "v", "size"), ("s", "d", "size")] and len(c) == 0
+
+
+def test_on_evict_reports_expired_entries(policy: str) -> None:
+    """An expired entry is reported as "expired" when a read, a write, pop or expire() removes
+    it; one just invisible (len, in, iteration) is not reported until it is removed."""
+    timer, hook = FakeTimer(), Recorder()
+    c = LocalCache(8, policy=policy, ttl=1.0, timer=timer, on_evict=hook)
+    for key in "abcdef":
+        c[key] = key.upper()
+    c.set("z", "Z", ttl=math.inf)
+    timer.advance(1.0)
+    assert len(c) == 1 and "a" not in c and list(c) == ["z"]
+    assert hook.log == []
+    with pytest.raises(KeyError):
+        c["a"]
+    assert c.get("b", "dflt") == "dflt"
+    assert c.pop("c", None) is None
+    c["d"] = "D2"  # a write over an expired entry: the old one is reported, the new one stored
+    assert c.expire() == 2  # e and f
+    assert hook.log == [
+        ("a", "A", "expired"),
+        ("b", "B", "expired"),
+        ("c", "C", "expired"),
+        ("d", "D", "expired"),
+        ("e", "E", "expired"),
+        ("f", "F", "expired"),
+    ]
+    assert c.stats()["expirations"] == 6 and dict(c.items()) == {"z": "Z", "d": "D2"}
+
+
+def test_on_evict_expired_before_live_victims(policy: str) -> None:
+    """A write that makes room purges expired entries first: they are reported as "expired",
+    and no live entry is evicted."""
+    timer, hook = FakeTimer(), Recorder()
+    c = LocalCache(2, policy=policy, timer=timer, on_evict=hook)
+    c.set("short", 1, ttl=1.0)
+    c["long"] = 2
+    timer.advance(2.0)
+    c["new"] = 3
+    assert hook.log == [("short", 1, "expired")]
+    assert dict(c.items()) == {"long": 2, "new": 3}
+    c.set("x", 4, ttl=1.0)  # full: a live victim now
+    assert hook.log[1][2] == "size" and len(c) == 2
+
+
+def test_on_evict_popitem_reports_purged_entries(policy: str) -> None:
+    """popitem purges expired entries first: those are reported, its own victim is not."""
+    timer, hook = FakeTimer(), Recorder()
+    c = LocalCache(4, policy=policy, timer=timer, on_evict=hook)
+    c.set("old", 1, ttl=1.0)
+    c["keep"] = 2
+    timer.advance(1.0)
+    assert c.popitem() == ("keep", 2)
+    assert hook.log == [("old", 1, "expired")]
+
+
+def test_on_evict_hook_may_use_the_cache(policy: str) -> None:
+    """The hook runs after the cache is released: it may read and write the same cache (its
+    own writes may evict again, and are reported too)."""
+    log: list[tuple[Any, str]] = []
+    c: Any = None
+
+    def hook(key: Any, value: Any, cause: str) -> None:
+        log.append((key, cause))
+        c.get(key)  # a miss
+        if key != "last":
+            c["last"] = key  # may evict once more
+
+    c = LocalCache(2, policy=policy, on_evict=hook)
+    for i in range(5):
+        c[i] = i
+
+    def run() -> None:
+        for i in range(5, 20):
+            c[i] = i
+
+    run_with_timeout(run)
+    assert len(c) == 2 and c.stats()["evictions"] == len(log)
+    assert_consistent(c)
+
+
+def test_on_evict_exceptions_are_logged(policy: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A hook that raises does not undo the write or skip the next reports: it is logged."""
+    seen: list[Any] = []
+
+    def hook(key: Any, value: Any, cause: str) -> None:
+        seen.append(key)
+        raise ZeroDivisionError("hook failed")
+
+    c = LocalCache(1, policy=policy, maxbytes=4, getsizeof=len, on_evict=hook)
+    c["a"] = "a"
+    with caplog.at_level("ERROR", logger="tiercache.local"):
+        c["b"] = "bbbb"
+    assert seen == ["a"] and dict(c.items()) == {"b": "bbbb"}
+    [record] = caplog.records
+    assert record.name == "tiercache.local" and "on_evict" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError
+
+
+def test_on_evict_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="on_evict"):
+        LocalCache(4, on_evict="print")  # type: ignore[arg-type]
+    assert LocalCache(4).on_evict is None
+
+
+def test_on_evict_cycle_is_collected(policy: str) -> None:
+    """A hook that refers to its cache makes a cycle the collector frees."""
+    hook = Recorder()
+    c = LocalCache(2, policy=policy, on_evict=hook)
+    hook.cache = c  # type: ignore[attr-defined]
+    c["k"] = hook
+    ref = weakref.ref(hook)
+    del c, hook
+    gc.collect()
+    assert ref() is None

@@ -76,7 +76,13 @@ class LocalCacheMachine(RuleBasedStateMachine):
             "getsizeof": getsizeof,
             "timer": self.timer,
         }
-        self.cache = LocalCache(maxsize, seed=seed, **kwargs)
+        self.evicted: list[tuple[Hashable, Any, str]] = []
+        self.cache = LocalCache(
+            maxsize,
+            seed=seed,
+            on_evict=lambda key, value, cause: self.evicted.append((key, value, cause)),
+            **kwargs,
+        )
         self.model = CacheModel(maxsize, **kwargs)
         if self.policy == "tinylfu":
             self.twin = LocalCache(maxsize, seed=seed, **kwargs)
@@ -224,6 +230,11 @@ class LocalCacheMachine(RuleBasedStateMachine):
         assert stats["currbytes"] == c.currbytes == self.model.currbytes
         if c.maxbytes is not None:
             assert c.currbytes <= c.maxbytes
+        causes = [cause for _, _, cause in self.evicted]  # on_evict: once per counted removal
+        assert (causes.count("size"), causes.count("expired")) == (
+            stats["evictions"],
+            stats["expirations"],
+        )
 
     @invariant()
     def twin_agrees(self) -> None:

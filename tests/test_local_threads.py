@@ -39,6 +39,16 @@ def weight_of(value: Any) -> int:
     return value.weight
 
 
+class Recorder:
+    """An on_evict hook that records what it is told (list.append is atomic)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, Any, str]] = []
+
+    def __call__(self, key: Any, value: Any, cause: str) -> None:
+        self.log.append((key, value, cause))
+
+
 class TickTimer:
     """A fake clock that moves one millisecond per reading (thread-safe) until frozen."""
 
@@ -187,6 +197,17 @@ def check_final_state(c: LocalCache, tallies: list[Tally], timer: TickTimer | No
     stats = c.stats()
     assert stats["hits"] + stats["misses"] == sum(tally.reads for tally in tallies)
     assert stats["currsize"] == len(keys)
+    # on_evict was told once per eviction and expiration, each time a value its key's, no
+    # longer in the cache (every Value object is written once)
+    log = c.on_evict.log
+    causes = [cause for _, _, cause in log]
+    assert (causes.count("size"), causes.count("expired")) == (
+        stats["evictions"],
+        stats["expirations"],
+    )
+    for key, value, _ in log:
+        assert isinstance(value, Value) and value.key == key and value in written
+        assert c.peek(key) is not value
     assert_consistent(c)  # the policy's structures still hold exactly the live entries
 
 
@@ -205,7 +226,7 @@ def test_threads_hammer_one_cache(policy: str, config: str, fast_switching: None
     """8 threads of mixed reads and writes over 3x more keys than fit keep the cache sound."""
     use_ttl, maxbytes = CONFIGS[config]["ttl"], CONFIGS[config]["maxbytes"]
     timer = TickTimer() if use_ttl else None
-    kwargs: dict[str, Any] = {"policy": policy, "getsizeof": weight_of}
+    kwargs: dict[str, Any] = {"policy": policy, "getsizeof": weight_of, "on_evict": Recorder()}
     if timer is not None:
         kwargs.update(timer=timer, ttl=0.5)
     if maxbytes is not None:
@@ -249,6 +270,14 @@ def slow_weight(value: Any) -> int:
 def test_threads_with_slow_keys_and_getsizeof(policy: str, fast_switching: None) -> None:
     """Python-level __eq__ and getsizeof release the GIL mid-operation: the mutex must hold."""
     timer = TickTimer()
-    c = LocalCache(12, policy=policy, maxbytes=60, getsizeof=slow_weight, timer=timer, ttl=1.0)
+    c = LocalCache(
+        12,
+        policy=policy,
+        maxbytes=60,
+        getsizeof=slow_weight,
+        timer=timer,
+        ttl=1.0,
+        on_evict=Recorder(),
+    )
     tallies = hammer(c, SlowKey, keyspace=30, ops=400, ttls=[None, 0.1, 1.0])
     check_final_state(c, tallies, timer)

@@ -83,8 +83,18 @@ def apply(c: Any, timer: FakeTimer, op: tuple[Any, ...]) -> tuple[str, Any]:
     return outcome(method, *args)
 
 
+class Recorder:
+    """An on_evict hook that records what it is told."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, Any, str]] = []
+
+    def __call__(self, key: Any, value: Any, cause: str) -> None:
+        self.log.append((key, value, cause))
+
+
 def snapshot(c: Any, keys: list[Hashable]) -> dict[str, Any]:
-    """Everything observable without counting a use."""
+    """Everything observable without counting a use, and what on_evict was told so far."""
     entries = {}
     for key in keys:
         e = c.entry(key)
@@ -96,16 +106,19 @@ def snapshot(c: Any, keys: list[Hashable]) -> dict[str, Any]:
         "stats": c.stats(),
         "entries": entries,
         "repr": repr(c),
+        # the same reports (expired entries purged by one operation may come in another order)
+        "evicted": sorted(map(repr, c.on_evict.log)),
     }
 
 
 def make_pair(**kwargs: Any) -> tuple[Any, FakeTimer, Any, FakeTimer]:
-    """The C cache and the pure-Python cache, each on its own fake clock at the same time."""
+    """The C cache and the pure-Python cache, each on its own fake clock at the same time, each
+    recording what its on_evict hook is told."""
     t1, t2 = FakeTimer(), FakeTimer()
     return (
-        c_impl.LocalCache(timer=t1, **kwargs),
+        c_impl.LocalCache(timer=t1, on_evict=Recorder(), **kwargs),
         t1,
-        py_impl.LocalCache(timer=t2, **kwargs),
+        py_impl.LocalCache(timer=t2, on_evict=Recorder(), **kwargs),
         t2,
     )
 
@@ -209,13 +222,23 @@ def test_twins_agree_on_long_skewed_traces(policy: str, maxsize: int) -> None:
             op = ("setdefault", key, "d")
         else:
             op = ("popitem",)
+        reported = len(c.on_evict.log), len(p.on_evict.log)
         got_c, got_p = apply(c, tc, op), apply(p, tp, op)
         assert got_c == got_p, f"step {i} {op}: C gave {got_c}, Python {got_p}"
+        assert sorted(map(repr, c.on_evict.log[reported[0] :])) == sorted(
+            map(repr, p.on_evict.log[reported[1] :])
+        ), f"step {i} {op}: on_evict told different things"
         if i % 500 == 0:
             assert list(c.items()) == list(p.items()), f"step {i}"
             assert c.stats() == p.stats(), f"step {i}"
     assert list(c.items()) == list(p.items())
     assert c.stats() == p.stats()
+    stats = c.stats()
+    causes = [cause for _, _, cause in c.on_evict.log]
+    assert (causes.count("size"), causes.count("expired")) == (
+        stats["evictions"],
+        stats["expirations"],
+    )
     assert_same_drain(c, p)
 
 

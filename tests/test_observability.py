@@ -359,6 +359,32 @@ def test_on_invalidate_gets_the_user_key_and_version(make: Factory) -> None:
     assert versions[2] > versions[0]
 
 
+def test_on_evict_reports_what_the_local_tier_lets_go(make: Factory) -> None:
+    """on_evict(key, value, cause): the user key (of any type) and value of a local copy dropped
+    for the local tier's size ("size") or its TTL ("expired"); the value stays in Redis."""
+    seen: list[tuple[Any, Any, str]] = []
+    clock = {"now": 1000.0}
+    cache = make(
+        local_maxsize=2,
+        local_ttl=5.0,
+        timer=lambda: clock["now"],
+        on_evict=lambda key, value, cause: seen.append((key, value, cause)),
+    )
+    cache["a"] = "A"
+    cache[("t", 2)] = "T"
+    assert seen == []
+    cache["c"] = "C"  # the local tier holds two: its least recent copy goes
+    assert seen == [("a", "A", "size")]
+    assert cache.local.stats()["evictions"] == 1
+    clock["now"] += 6.0  # past local_ttl: the local copies of ("t", 2) and "c" expire
+    assert cache["c"] == "C"  # read from Redis, and its expired copy replaced
+    assert cache.local.expire() == 1
+    assert sorted(seen[1:], key=repr) == [("c", "C", "expired"), (("t", 2), "T", "expired")]
+    assert cache["a"] == "A"  # every value is still in Redis
+    with pytest.raises(TypeError, match="on_evict"):
+        TieredCache(on_evict="not callable")  # type: ignore[arg-type]
+
+
 def test_a_failing_hook_is_logged_and_never_breaks_the_cache(
     make: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -164,7 +164,8 @@ def test_cut_drops_connections_and_client_reconnects(proxy: TcpProxy, reset: boo
         held.ping()  # a held connection without retries meets the drop
     assert held.ping()  # and reconnects on the next command
     assert pooled.ping()  # the pool notices the dead connection at checkout and reconnects
-    assert proxy.connections_accepted == 4
+    # (two new connections at least; a loaded machine may see a retry open one more)
+    assert proxy.connections_accepted >= 4
     held.close()
     pooled.close()
 

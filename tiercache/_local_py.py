@@ -18,6 +18,14 @@ Semantics shared by both implementations (the test suite runs against each):
 * TTL: ``ttl`` seconds per entry (``set(k, v, ttl=...)`` overrides the cache default; ``math.inf``
   means never). An entry is expired once ``timer() >= expires``; expired entries are invisible
   to every read, and ``len`` counts live entries only.
+* ``on_evict(key, value, cause)``, when given, is called once for every entry the cache lets go on
+  its own: ``cause`` is ``"size"`` for an entry evicted to keep ``maxsize``/``maxbytes`` (counted
+  in ``stats()["evictions"]``; with ``maxsize=0`` the value written is that entry) and
+  ``"expired"`` for an expired entry removed (counted in ``stats()["expirations"]``). Explicit
+  removals (``del``/``pop`` of a live key, ``popitem``, ``clear``) and replaced values are not
+  reported. It runs in the thread of the operation that removed the entries, after that
+  operation released the cache (so it may use the cache); an exception it raises is logged under
+  ``tiercache.local`` and does not reach the operation.
 * Threads: every mutation runs under the cache's own mutex; a callback that re-enters a mutation
   of the same cache from the mutating thread (a ``__del__`` or weakref callback fired by the
   garbage collector mid-write, a key's ``__eq__``) gets ``RuntimeError`` rather than a deadlock.
@@ -29,6 +37,7 @@ Semantics shared by both implementations (the test suite runs against each):
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import numbers
 import operator
@@ -53,6 +62,9 @@ from ._views import LocalItemsView, LocalValuesView
 
 INF = math.inf
 _MISSING: Any = object()
+_log = logging.getLogger("tiercache.local")
+# What on_evict is told: (key, value, cause) of each entry a mutation let go on its own.
+Gone = list[tuple[Hashable, Any, str]]
 POLICIES = ("lru", "lfu", "tinylfu")
 
 # W-TinyLFU layout (Caffeine's defaults) and its admission rule.
@@ -387,6 +399,7 @@ class LocalCache(MutableMapping):
         getsizeof: Callable[[Any], int] | None = None,
         timer: Callable[[], float] | None = None,
         seed: int = 0,
+        on_evict: Callable[[Hashable, Any, str], object] | None = None,
     ) -> None:
         maxsize = operator.index(maxsize)
         if maxsize < 0:
@@ -399,8 +412,11 @@ class LocalCache(MutableMapping):
                 raise ValueError(f"maxbytes must be > 0 or None, not {maxbytes}")
             if getsizeof is None:
                 getsizeof = sys.getsizeof
+        if on_evict is not None and not callable(on_evict):
+            raise TypeError(f"on_evict must be callable or None, not {type(on_evict).__name__}")
         self._maxsize = maxsize
         self._policy_name = policy
+        self._on_evict = on_evict
         self._ttl = _check_ttl(ttl)
         self._maxbytes = maxbytes
         self._getsizeof = getsizeof
@@ -432,6 +448,8 @@ class LocalCache(MutableMapping):
                 self._remove(e)
                 self._expirations += 1
             self._misses += 1
+        if e is not None:
+            self._notify([(e.key, e.value, "expired")])
         return self.__missing__(key)
 
     def __missing__(self, key: Hashable) -> Any:
@@ -449,7 +467,9 @@ class LocalCache(MutableMapping):
                 self._remove(e)
                 self._expirations += 1
             self._misses += 1
-            return default
+        if e is not None:
+            self._notify([(e.key, e.value, "expired")])
+        return default
 
     def __contains__(self, key: object) -> bool:
         e = self._map.get(key)  # type: ignore[call-overload]
@@ -549,52 +569,57 @@ class LocalCache(MutableMapping):
         expires = self._timer() + seconds if seconds != INF else INF
         # Replaced and evicted values are dropped after the mutex is released, so finalizers
         # that run then see a consistent cache.
-        evicted: list[Entry] = []
+        evicted: Gone = []
         old_value = None
-        with self._mutex:
-            e = self._map.get(key)
-            live = e is not None and (e.expires == INF or self._timer() < e.expires)
-            if only_if_absent:
-                if live:
+        try:
+            with self._mutex:
+                e = self._map.get(key)
+                live = e is not None and (e.expires == INF or self._timer() < e.expires)
+                if only_if_absent:
+                    if live:
+                        self._policy.touch(e)
+                        self._hits += 1
+                        return e.value  # type: ignore[union-attr]
+                    self._misses += 1
+                    if too_heavy is not None:
+                        raise too_heavy  # nothing changed, not even an expiry
+                if e is not None and not live:
+                    self._remove(e)  # an expired entry is replaced by a new one, not updated
+                    self._expirations += 1
+                    evicted.append((e.key, e.value, "expired"))
+                    e = None
+                if e is not None:
+                    old_value = e.value
+                    self._bytes += weight - e.weight
+                    e.value = value
+                    e.weight = weight
+                    e.version = version
+                    e.fresh_until = fresh_until
+                    self._set_expiry(e, expires)
                     self._policy.touch(e)
-                    self._hits += 1
-                    return e.value  # type: ignore[union-attr]
-                self._misses += 1
-                if too_heavy is not None:
-                    raise too_heavy  # nothing changed, not even an expiry
-            if e is not None and not live:
-                self._remove(e)  # an expired entry is replaced by a new one, not updated
-                self._expirations += 1
-                evicted.append(e)
-                e = None
-            if e is not None:
-                old_value = e.value
-                self._bytes += weight - e.weight
-                e.value = value
-                e.weight = weight
-                e.version = version
-                e.fresh_until = fresh_until
-                self._set_expiry(e, expires)
-                self._policy.touch(e)
-            elif self._maxsize == 0:
-                self._evictions += 1
-                return value
-            else:
-                e = Entry(key, value)
-                e.weight = weight
-                e.version = version
-                e.fresh_until = fresh_until
-                if self._hashed:
-                    e.hash = mix64((hash(key) ^ self._salt) & MASK64)
-                self._policy.insert(e)  # linked before it is findable, as the C twin needs
-                try:
-                    self._map[key] = e
-                except BaseException:  # a key's __eq__ raised, or no memory: undo the link
-                    self._policy.remove(e)
-                    raise
-                self._bytes += weight
-                self._set_expiry(e, expires)
-            self._shrink(e, evicted)
+                elif self._maxsize == 0:
+                    self._evictions += 1
+                    evicted.append((key, value, "size"))  # the value written is evicted at once
+                    return value
+                else:
+                    e = Entry(key, value)
+                    e.weight = weight
+                    e.version = version
+                    e.fresh_until = fresh_until
+                    if self._hashed:
+                        e.hash = mix64((hash(key) ^ self._salt) & MASK64)
+                    self._policy.insert(e)  # linked before it is findable, as the C twin needs
+                    try:
+                        self._map[key] = e
+                    except BaseException:  # a key's __eq__ raised, or no memory: undo the link
+                        self._policy.remove(e)
+                        raise
+                    self._bytes += weight
+                    self._set_expiry(e, expires)
+                self._shrink(e, evicted)
+        finally:
+            if evicted:
+                self._notify(evicted)
         del old_value, evicted
         return value
 
@@ -626,7 +651,7 @@ class LocalCache(MutableMapping):
             self._maxbytes is not None and self._bytes > self._maxbytes
         )
 
-    def _shrink(self, protect: Entry | None, evicted: list[Entry]) -> None:
+    def _shrink(self, protect: Entry | None, evicted: Gone) -> None:
         """Evict until both bounds hold: expired entries first, then the policy's victims."""
         if not self._over():
             return
@@ -637,7 +662,7 @@ class LocalCache(MutableMapping):
             if victim is None:
                 break
             self._remove(victim)
-            evicted.append(victim)
+            evicted.append((victim.key, victim.value, "size"))
             self._evictions += 1
 
     def _remove(self, e: Entry) -> None:
@@ -659,21 +684,26 @@ class LocalCache(MutableMapping):
                 if e.expires == INF or self._timer() < e.expires:
                     return e.value
                 self._expirations += 1
+        if e is not None:
+            self._notify([(e.key, e.value, "expired")])
         if default is _MISSING:
             raise KeyError(key)
         return default
 
     def popitem(self) -> tuple[Hashable, Any]:
         """Remove and return the policy's victim as ``(key, value)``."""
-        evicted: list[Entry] = []
-        with self._mutex:
-            if self._heap:
-                self._purge_expired(self._timer(), evicted)
-            victim = self._policy.evict(None)
-            if victim is None:
-                raise KeyError("popitem(): cache is empty")
-            self._remove(victim)
-            return victim.key, victim.value
+        evicted: Gone = []
+        try:
+            with self._mutex:
+                if self._heap:
+                    self._purge_expired(self._timer(), evicted)
+                victim = self._policy.evict(None)
+                if victim is None:
+                    raise KeyError("popitem(): cache is empty")
+                self._remove(victim)
+                return victim.key, victim.value
+        finally:
+            self._notify(evicted)
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         """The value of ``key`` (counted as a use); if absent, store and return ``default``."""
@@ -708,23 +738,38 @@ class LocalCache(MutableMapping):
 
     def expire(self) -> int:
         """Remove every expired entry now; return how many were removed."""
-        evicted: list[Entry] = []
-        with self._mutex:
-            return self._purge_expired(self._timer(), evicted)
+        evicted: Gone = []
+        try:
+            with self._mutex:
+                return self._purge_expired(self._timer(), evicted)
+        finally:
+            self._notify(evicted)
+
+    def _notify(self, evicted: Gone) -> None:
+        """Tell ``on_evict`` what a mutation let go; called once the mutex is released."""
+        hook = self._on_evict
+        if hook is None:
+            return
+        for key, value, cause in evicted:
+            try:
+                hook(key, value, cause)
+            except Exception:
+                _log.exception("LocalCache on_evict hook raised (cause %s)", cause)
 
     # -- expiry -----------------------------------------------------------------------------
 
     def _live_in_heap(self, item: tuple[float, int, Entry]) -> bool:
         return item[2].heap_seq == item[1]
 
-    def _purge_expired(self, now: float, evicted: list[Entry]) -> int:
+    def _purge_expired(self, now: float, evicted: Gone) -> int:
         heap = self._heap
         removed = 0
         while heap and heap[0][0] <= now:
             item = heapq.heappop(heap)
             if self._live_in_heap(item):
-                self._remove(item[2])
-                evicted.append(item[2])
+                e = item[2]
+                self._remove(e)
+                evicted.append((e.key, e.value, "expired"))
                 removed += 1
         self._expirations += removed
         return removed
@@ -786,6 +831,11 @@ class LocalCache(MutableMapping):
     def timer(self) -> Callable[[], float]:
         """The clock TTLs are measured on."""
         return self._timer
+
+    @property
+    def on_evict(self) -> Callable[[Hashable, Any, str], object] | None:
+        """The hook told about evicted and expired entries, or None."""
+        return self._on_evict
 
     def stats(self) -> dict[str, int | None]:
         """Counters since creation: hits, misses, evictions, expirations, and the sizes."""

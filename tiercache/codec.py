@@ -76,6 +76,7 @@ hashes are randomized. Decoded memory is linear in the payload size.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import pickle
@@ -85,6 +86,10 @@ import zlib
 from collections.abc import Callable
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from decimal import Decimal
+from functools import partial
+from itertools import chain
+from itertools import compress as _select
+from operator import is_, is_not
 from typing import Any, Final, Protocol
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -263,12 +268,133 @@ _TZ_NAMED: Final = 2
 _TZ_ZONE: Final = 3
 
 
-_all_scalars: Final = _SCALARS.issuperset  # with map(type, ...): C speed, stops at the first miss
+_CONTAINERS: Final = frozenset({list, dict, tuple, set, frozenset})
+_SUPPORTED: Final = _SCALARS | _CONTAINERS
+_LEAVES: Final = frozenset(t for t in _SCALARS if not t.__flags__ & (1 << 14))
+"""Supported scalars that are not GC objects (no ``Py_TPFLAGS_HAVE_GC``): hold no references."""
+
+# C-speed predicates, used with map(type, ...): issuperset stops at the first miss.
+_all_scalars: Final = _SCALARS.issuperset
 _all_map_keys: Final = _MAP_KEYS.issuperset
+_all_supported: Final = _SUPPORTED.issuperset
+_all_leaves: Final = _LEAVES.issuperset
+_is_container: Final = _CONTAINERS.__contains__
+_is_dict: Final = partial(is_, dict)
+_is_not_dict: Final = partial(is_not, dict)
+_flatten: Final = chain.from_iterable
+_dict_values: Final = dict.values
+
+
+def _items_checked(level: list[Any]) -> list[Any] | None:
+    """The items (dict values) of the containers in ``level``; None if a dict has a key that is
+    not str/bytes."""
+    kinds = set(map(type, level))
+    if dict not in kinds:
+        return list(_flatten(level))
+    dicts = level if len(kinds) == 1 else list(_select(level, map(_is_dict, map(type, level))))
+    if not _all_map_keys(map(type, _flatten(dicts))):
+        return None
+    items = list(_flatten(map(_dict_values, dicts)))
+    if len(kinds) > 1:
+        items += _flatten(_select(level, map(_is_not_dict, map(type, level))))
+    return items
+
+
+def _referents_work() -> bool:
+    """Whether gc.get_referents of a list, tuple, set, frozenset or str-keyed dict is exactly its
+    items (dict: values), and of a dict with another key more than its values (CPython)."""
+    try:
+        items: list[Any] = [
+            0, 1, 2**70, -1.5, "s", b"b", None, True, (1,), frozenset({2}), date(2000, 1, 1),
+            datetime(2000, 1, 1), time(), timedelta(1), Decimal(1), UUID(int=1),
+            msgpack.ExtType(1, b""), msgpack.Timestamp(1),
+        ]  # fmt: skip
+        unhashable = [bytearray(b"x"), memoryview(b"m"), [3], {"k": 4}, {5}]
+        for sample in (
+            items + unhashable,
+            tuple(items + unhashable),
+            set(items),
+            frozenset(items),
+            {str(i): x for i, x in enumerate(items + unhashable)},
+        ):
+            got = gc.get_referents(sample)
+            want = list(sample.values()) if type(sample) is dict else list(sample)
+            if len(got) != len(want) or set(map(id, got)) != set(map(id, want)):
+                return False
+        return all(len(gc.get_referents(d)) > len(d) for d in ({1: 0}, {b"k": 0}, {"a": 0, 1: 0}))
+    except Exception:  # pragma: no cover - another implementation: use the explicit walk
+        return False
+
+
+_REFERENTS: Final = _referents_work()
+_SMALL: Final = 16
+"""Use gc.get_referents to list the items of a whole level at once (CPython)."""
+
+
+def _plain(obj: Any) -> bool:
+    """Whether the packer can write the container ``obj`` as it is (no :func:`_prepare` copy).
+
+    True when every object inside is of a supported exact type, every dict has only str/bytes
+    keys and no container nests deeper than MAX_DEPTH. The packer then writes lists, dicts and
+    scalars itself and hands tuples, sets and the extension scalars to :func:`_default`. False
+    sends the value through :func:`_prepare`, which converts dicts with other keys and raises the
+    precise error for anything unsupported (bytearray, memoryview, ExtType and Timestamp too,
+    which the packer would otherwise write natively).
+
+    Breadth first, one level of containers at a time, iterating in C only: a Python-level step
+    per container was most of the cost of encoding nested records. ``gc.get_referents`` lists
+    the items of every container of a level in one call; a dict whose keys are all str does not
+    report them (its keys table holds str only), any other dict does, so a level whose item
+    count exceeds the sum of its lengths has a dict to check key by key.
+    """
+    level: list[Any] = [obj]  # the containers at the current depth
+    for _ in range(MAX_DEPTH):
+        if len(level) == 1 and len(level[0]) <= _SMALL:
+            # One small container (records, and the top of most values): a Python loop over its
+            # items costs less than the fixed cost of the C passes below.
+            c = level[0]
+            if type(c) is dict:
+                if not _all_map_keys(map(type, c)):
+                    return False
+                c = c.values()
+            level = []
+            for x in c:
+                t = type(x)
+                if t not in _LEAVES:
+                    if t in _CONTAINERS:
+                        level.append(x)
+                    elif t not in _SUPPORTED:
+                        return False
+            if not level:
+                return True
+            continue
+        items: list[Any] | None = None
+        if _REFERENTS:
+            items = gc.get_referents(*level)
+            if len(items) != sum(map(len, level)):
+                items = None
+        if items is None:
+            items = _items_checked(level)
+            if items is None:
+                return False
+        types = list(map(type, items))
+        kinds = set(types)
+        if _all_leaves(kinds):
+            return True
+        if not _all_supported(kinds):
+            return False
+        level = list(_select(items, map(_is_container, types)))
+        if not level:
+            return True
+    return False  # containers at depth MAX_DEPTH (or a cycle): _prepare raises
 
 
 def _prepare(obj: Any, depth: int) -> Any:
-    """Validate ``obj`` and return it in packable form, copying only containers that change."""
+    """Validate ``obj`` and return it in packable form, copying only containers that change.
+
+    The slow path, for values :func:`_plain` refuses: dicts with keys other than str/bytes become
+    marker arrays here, and unsupported types or too deep nesting raise.
+    """
     t = type(obj)
     if t in _SCALARS:
         return obj
@@ -369,14 +495,66 @@ def _tz_from(data: bytes, pos: int) -> tzinfo | None:
     raise ValueError(f"unknown tz tag {tag}")
 
 
-def _default(obj: Any) -> msgpack.ExtType:
-    """msgpack ``default=``: the extension types of the scalars msgpack cannot write itself."""
+_DT_SIZE: Final = _DT.size
+_TIME_SIZE: Final = _TIME.size
+_UTC: Final = timezone.utc
+_UTC_SUFFIX: Final = _tz_bytes(_UTC, None)
+_TZ_CACHE_SIZE: Final = 256
+"""Most tzinfo suffixes remembered by each of the two tz caches (cleared when full)."""
+
+# Encoding: id(tzinfo) -> (that tzinfo, its suffix), for tzinfos whose suffix does not depend on
+# the value (timezone, keyed ZoneInfo). Keyed by identity, not equality: timezone(x) equals
+# timezone(x, "name"); holding the tzinfo keeps its id from being reused.
+_tz_suffixes: Final[dict[int, tuple[tzinfo, bytes]]] = {}
+
+# Decoding: suffix bytes -> timezone (immutable, so values may share one). ZoneInfo suffixes are
+# not cached here: ZoneInfo(key) has its own cache and stays the authority on loadable keys.
+_TZ_KNOWN: Final[dict[bytes, tzinfo | None]] = {b"": None, _UTC_SUFFIX: _UTC}
+_tz_decoded: Final[dict[bytes, tzinfo | None]] = dict(_TZ_KNOWN)
+_MISSING: Final = object()
+
+
+def _tz_suffix(tz: tzinfo, dt: datetime | None) -> bytes:
+    """:func:`_tz_bytes` of a non-None tzinfo, cached when it cannot depend on ``dt``."""
+    if tz is _UTC:
+        return _UTC_SUFFIX
+    hit = _tz_suffixes.get(id(tz))
+    if hit is not None and hit[0] is tz:
+        return hit[1]
+    suffix = _tz_bytes(tz, dt)
+    if type(tz) is timezone or (type(tz) is ZoneInfo and tz.key is not None):
+        if len(_tz_suffixes) >= _TZ_CACHE_SIZE:
+            _tz_suffixes.clear()
+        _tz_suffixes[id(tz)] = (tz, suffix)
+    return suffix
+
+
+def _tz_decode(suffix: bytes) -> tzinfo | None:
+    """The tzinfo of a tz suffix (cached unless it names a zone); ``ValueError`` if malformed."""
+    tz = _tz_decoded.get(suffix, _MISSING)
+    if tz is _MISSING:
+        tz = _tz_from(suffix, 0)
+        if suffix and suffix[0] != _TZ_ZONE:
+            if len(_tz_decoded) >= _TZ_CACHE_SIZE:
+                _tz_decoded.clear()
+                _tz_decoded.update(_TZ_KNOWN)
+            _tz_decoded[suffix] = tz
+    return tz  # type: ignore[return-value]
+
+
+_new_ext: Final = partial(tuple.__new__, msgpack.ExtType)
+"""``_new_ext((code, data))``: an ExtType without the argument checks of its Python ``__new__``."""
+
+
+def _default(obj: Any) -> Any:
+    """msgpack ``default=``: what the packer does not write itself (exact types only).
+
+    Tuples, sets and frozensets become marker arrays (the packer then writes their items);
+    datetime & co. and ints beyond 64 bits become extension types. Most frequent first.
+    """
     t = type(obj)
-    if t is int:  # msgpack calls us only on overflow of its 64-bit range
-        return msgpack.ExtType(
-            _EXT_BIGINT, obj.to_bytes((obj.bit_length() + 8) // 8, "big", signed=True)
-        )
     if t is datetime:
+        tz = obj.tzinfo
         fields = _DT.pack(
             obj.year,
             obj.month,
@@ -387,19 +565,30 @@ def _default(obj: Any) -> msgpack.ExtType:
             obj.microsecond,
             obj.fold,
         )
-        return msgpack.ExtType(_EXT_DATETIME, fields + _tz_bytes(obj.tzinfo, obj))
+        return _new_ext((_EXT_DATETIME, fields if tz is None else fields + _tz_suffix(tz, obj)))
+    if t is tuple:
+        return [_M_TUPLE, *obj]
     if t is date:
-        return msgpack.ExtType(_EXT_DATE, _DATE.pack(obj.year, obj.month, obj.day))
-    if t is time:
-        fields = _TIME.pack(obj.hour, obj.minute, obj.second, obj.microsecond, obj.fold)
-        return msgpack.ExtType(_EXT_TIME, fields + _tz_bytes(obj.tzinfo, None))
-    if t is timedelta:
-        return msgpack.ExtType(_EXT_TIMEDELTA, _TD.pack(obj.days, obj.seconds, obj.microseconds))
+        return _new_ext((_EXT_DATE, _DATE.pack(obj.year, obj.month, obj.day)))
     if t is Decimal:
-        return msgpack.ExtType(_EXT_DECIMAL, str(obj).encode("ascii"))
+        return _new_ext((_EXT_DECIMAL, str(obj).encode("ascii")))
     if t is UUID:
-        return msgpack.ExtType(_EXT_UUID, obj.bytes)
-    raise _unsupported(obj, "msgpack")  # unreachable after _prepare; kept as a safety net
+        return _new_ext((_EXT_UUID, obj.bytes))
+    if t is set:
+        return [_M_SET, *obj]
+    if t is frozenset:
+        return [_M_FROZENSET, *obj]
+    if t is int:  # msgpack calls us only on overflow of its 64-bit range
+        return _new_ext(
+            (_EXT_BIGINT, obj.to_bytes((obj.bit_length() + 8) // 8, "big", signed=True))
+        )
+    if t is time:
+        tz = obj.tzinfo
+        fields = _TIME.pack(obj.hour, obj.minute, obj.second, obj.microsecond, obj.fold)
+        return _new_ext((_EXT_TIME, fields if tz is None else fields + _tz_suffix(tz, None)))
+    if t is timedelta:
+        return _new_ext((_EXT_TIMEDELTA, _TD.pack(obj.days, obj.seconds, obj.microseconds)))
+    raise _unsupported(obj, "msgpack", _subclass_base(obj))  # unreachable after validation
 
 
 def _check_hashes(keys: list[Any]) -> None:
@@ -455,6 +644,10 @@ _MARKERS: Final = {
     _EXT_DICT: _Marker(_build_dict),
 }
 
+_MARKER_PREFIX: Final = b"\xc7\x00"
+"""How the packer writes every marker (ext 8, length 0): a payload without these two bytes has
+no marker unless it was written by something else, which :func:`_ext_scalar` catches."""
+
 
 def _ext_bigint(data: bytes) -> int:
     """Decode ext 5."""
@@ -464,7 +657,13 @@ def _ext_bigint(data: bytes) -> int:
 def _ext_datetime(data: bytes) -> datetime:
     """Decode ext 6."""
     y, mo, d, h, mi, s, us, fold = _DT.unpack_from(data)
-    return datetime(y, mo, d, h, mi, s, us, _tz_from(data, _DT.size), fold=fold)
+    suffix = data[_DT_SIZE:]
+    tz = _tz_decoded.get(suffix, _MISSING)
+    if tz is _MISSING:
+        tz = _tz_decode(suffix)
+    if fold:
+        return datetime(y, mo, d, h, mi, s, us, tz, fold=fold)  # type: ignore[arg-type]
+    return datetime(y, mo, d, h, mi, s, us, tz)  # type: ignore[arg-type]
 
 
 def _ext_date(data: bytes) -> date:
@@ -475,7 +674,7 @@ def _ext_date(data: bytes) -> date:
 def _ext_time(data: bytes) -> time:
     """Decode ext 8."""
     h, mi, s, us, fold = _TIME.unpack_from(data)
-    return time(h, mi, s, us, _tz_from(data, _TIME.size), fold=fold)
+    return time(h, mi, s, us, _tz_decode(data[_TIME_SIZE:]), fold=fold)
 
 
 def _ext_timedelta(data: bytes) -> timedelta:
@@ -503,6 +702,20 @@ _SCALAR_EXT: Final[dict[int, Callable[[bytes], Any]]] = {
     _EXT_DECIMAL: _ext_decimal,
     _EXT_UUID: _ext_uuid,
 }
+
+
+class _HasMarkers(Exception):
+    """Raised by :func:`_ext_scalar` on a container marker: decode again with the list hook."""
+
+
+def _ext_scalar(code: int, data: bytes) -> Any:
+    """msgpack ``ext_hook=`` of the fast path (payloads without markers): scalars only."""
+    decode = _SCALAR_EXT.get(code)
+    if decode is None:
+        if code in _MARKERS:
+            raise _HasMarkers
+        raise ValueError(f"unknown msgpack extension type {code}")
+    return decode(data)
 
 
 class _DecodeState(threading.local):
@@ -537,7 +750,7 @@ def _list_hook(lst: list[Any]) -> Any:
 
 
 def _new_packer() -> msgpack.Packer:
-    """A packer for prepared values (autoreset: each ``pack`` returns its bytes)."""
+    """A packer for validated values (autoreset: each ``pack`` returns its bytes)."""
     return msgpack.Packer(default=_default, use_bin_type=True, strict_types=True)
 
 
@@ -559,7 +772,11 @@ class MsgpackCodec:
 
     def dumps(self, value: Any) -> bytes:
         """Encode ``value`` (TypeError for unsupported types, ValueError if nested too deep)."""
-        obj = value if type(value) in _SCALARS else _prepare(value, 0)
+        t = type(value)
+        # Usually the packer and _default write the value as it is; _prepare raises, or converts
+        # dicts with keys other than str/bytes.
+        plain = t in _SCALARS or (t in _CONTAINERS and _plain(value))
+        obj = value if plain else _prepare(value, 0)
         # Take the packer while in use: a foreign tzinfo's utcoffset() runs user code mid-pack,
         # and a nested dumps must not write into the same buffer.
         packer, _packing.packer = _packing.packer, None
@@ -581,16 +798,37 @@ class MsgpackCodec:
     def loads(self, data: bytes) -> Any:
         """Decode ``data``; anything malformed or hostile raises ``ValueError``."""
         n = len(data)
+        if type(data) is bytes and _MARKER_PREFIX not in data:
+            # No container marker: no list hook (a Python call per array) and no bookkeeping.
+            try:
+                return msgpack.unpackb(
+                    data,
+                    raw=False,
+                    use_list=True,
+                    strict_map_key=True,  # native maps: str/bytes keys only (randomized hashes)
+                    ext_hook=_ext_scalar,
+                    unicode_errors="surrogatepass",
+                    # Each element takes at least one byte: nothing may declare more than the
+                    # payload.
+                    max_str_len=n,
+                    max_bin_len=n,
+                    max_array_len=n,
+                    max_map_len=n // 2,
+                    max_ext_len=n,
+                )
+            except _HasMarkers:
+                pass  # a marker not written by the packer (ext 16/32): the general path below
+            except Exception as exc:
+                raise ValueError(f"invalid msgpack payload: {exc}") from exc
         try:
             obj = msgpack.unpackb(
                 data,
                 raw=False,
                 use_list=True,
-                strict_map_key=True,  # native maps: str/bytes keys only (randomized hashes)
+                strict_map_key=True,
                 ext_hook=_ext_hook,
                 list_hook=_list_hook,
                 unicode_errors="surrogatepass",
-                # Each element takes at least one byte: nothing may declare more than the payload.
                 max_str_len=n,
                 max_bin_len=n,
                 max_array_len=n,

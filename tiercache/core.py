@@ -144,6 +144,19 @@ def _user_key(encoded: bytes) -> Any:
         return encoded
 
 
+def _local_evict_hook(hook: Callable[[Any, Any, str], None]) -> Callable[[Any, Any, str], None]:
+    """The local tier's on_evict for a user's ``hook(key, value, cause)``: user keys, values only
+    (a cached absence is not one). It holds no reference to the cache, so makes no cycle."""
+    if not callable(hook):
+        raise TypeError(f"on_evict must be callable or None, not {type(hook).__name__}")
+
+    def evicted(lkey: Hashable, value: Any, cause: str) -> None:
+        if value is not MISSING:
+            hook(lkey if type(lkey) is str else _user_key(lkey), value, cause)  # type: ignore[arg-type]
+
+    return evicted
+
+
 def _encoded_local(lkey: Hashable) -> bytes:
     """The encoding behind a main-tier local key (the inverse of ``local_key``)."""
     return encode_key(lkey) if type(lkey) is str else lkey  # type: ignore[return-value]
@@ -266,6 +279,7 @@ class CacheCore(TagCore):
         on_invalidate: Callable[[Any, int], None] | None,
         on_resync: Callable[[str], None] | None,
         heartbeat_interval: float,
+        on_evict: Callable[[Any, Any, str], None] | None = None,
         partitions: int,
         max_key_bytes: int,
         timer: Callable[[], float] | None,
@@ -316,6 +330,7 @@ class CacheCore(TagCore):
         self._on_write_error = on_write_error
         self._on_invalidate = on_invalidate
         self._on_resync = on_resync
+        self._l1_on_evict = None if on_evict is None else _local_evict_hook(on_evict)
         self._heartbeat_interval = heartbeat_interval
         self._last_heartbeat = 0.0
         self._lags = _Window()  # invalidation lag (ms): Redis time of the write to its arrival

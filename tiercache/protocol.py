@@ -139,6 +139,8 @@ def parse_message(data: bytes) -> Invalidation:
         origin, op, sig = (f.decode("ascii") for f in fields[4:7])
     except (UnicodeDecodeError, ValueError) as err:
         raise ValueError("malformed invalidation message") from err
+    if not origin or not sig:  # the write script always fills both ("-": no signature)
+        raise ValueError("invalidation message with an empty origin or signature")
     if op not in OPS or not 0 < seq < VERSION_LIMIT or not 0 <= version < VERSION_LIMIT:
         raise ValueError("invalidation message with invalid fields")
     if (op == OP_CLEAR) != (not key):

@@ -159,6 +159,7 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
         on_write_error: str = "raise",
         on_invalidate: Callable[[Any, int], None] | None = None,
         on_resync: Callable[[str], None] | None = None,
+        on_evict: Callable[[Any, Any, str], None] | None = None,
         heartbeat_interval: float = 5.0,
         partitions: int | None = None,
         max_key_bytes: int = MAX_KEY_BYTES,
@@ -195,6 +196,7 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
             on_write_error=on_write_error,
             on_invalidate=on_invalidate,
             on_resync=on_resync,
+            on_evict=on_evict,
             heartbeat_interval=heartbeat_interval,
             partitions=partitions,
             max_key_bytes=max_key_bytes,
@@ -252,7 +254,7 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
     # -- set-up ---------------------------------------------------------------------------------
 
     def _fresh_local_tier(self) -> None:
-        self._l1 = LocalCache(self._local_maxsize, **self._l1_args)
+        self._l1 = LocalCache(self._local_maxsize, on_evict=self._l1_on_evict, **self._l1_args)
         self._guard = FillGuard()
         self._tags = TagState()  # the tag versions known here, the local copies' tags
         self._front_init(self._l1)
