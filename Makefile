@@ -3,6 +3,8 @@
 #   make demo     venv + extension + Redis + the cli/plot extras, then `python -m tiercache demo`
 #                 (live table, consistency verdict, plot in build/demo.png; DEMO_ARGS overrides)
 #   make test     venv + extension + Redis, then the suite twice: Cython build, pure-Python twin
+#                 (the asyncio tests, and every suite's async variant, turn warnings into
+#                 errors: the aio mark / impl=async, tests/conftest.py)
 #   make soak     the long chaos runs (-m slow), both implementations
 #   make bench    the benchmark suite (installs the bench extra)
 #   make docs     the documentation (MkDocs --strict, installs the docs extra) into build/site

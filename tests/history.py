@@ -255,7 +255,14 @@ def _worker_open(url: str | dict[str, Any], options: dict[str, Any]) -> tuple[An
             socket_timeout=options.get("socket_timeout", 2.0),
         )
         target = client
-    cache = TieredCache(target, **options)
+    options = dict(options)
+    impl = options.pop("impl", "sync")
+    if impl == "sync":
+        cache = TieredCache(target, **options)
+    else:  # an AsyncTieredCache behind the sync facade (its own event loop thread)
+        from tests.aio_facade import make_cache
+
+        cache = make_cache(impl, target, **options)
     if not cache.wait_ready(options.get("startup_timeout", 5.0) + 5.0):
         raise TimeoutError("the worker's cache did not become ready")
     return cache, client

@@ -49,6 +49,7 @@ from hypothesis.stateful import (
 )
 
 import tiercache
+from tests.aio_facade import make_cache
 from tests.history import kill_listener, listener_clients, percentile, soak_only
 from tests.servers import RedisServer, wait_until
 from tiercache.codec import resolve_codec
@@ -89,9 +90,12 @@ RULES: Counter[str] = Counter()  # how often each rule ran (printed: the faults 
 class TieredModel(RuleBasedStateMachine):
     """Three instances against the model; see the module docstring."""
 
-    def __init__(self, server: RedisServer) -> None:
+    def __init__(self, server: RedisServer, impl: str = "sync") -> None:
         super().__init__()
         self.server = server
+        # "async": instances 0 and 2 are AsyncTieredCache (tests.aio_facade), 1 a TieredCache,
+        # so one namespace is shared by both drivers in one process.
+        self.impls = ["sync"] * 3 if impl == "sync" else ["async", "sync", "async"]
         self.ns = f"model{next(_namespaces)}"
         self.keyspace = KeySpace(self.ns)
         # A cluster (tests/cluster.py) gets one partition here, one slot and one channel: the
@@ -121,7 +125,7 @@ class TieredModel(RuleBasedStateMachine):
         self.syncer: TieredCache | None = None
         try:
             for i in range(3):
-                self.instances.append(self._open(self._loader if i == 0 else None))
+                self.instances.append(self._open(self._loader if i == 0 else None, self.impls[i]))
             self.syncer = TieredCache(server.url, namespace=self.ns, **self.options)
             self.base_count = [0, 0, 0]
             self.base_pub = [0, 0, 0]
@@ -132,9 +136,9 @@ class TieredModel(RuleBasedStateMachine):
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def _open(self, loader: Any) -> TieredCache:
+    def _open(self, loader: Any, impl: str = "sync") -> TieredCache:
         before = {c["name"] for c in listener_clients(self.raw, self.ns)}
-        cache = TieredCache(self.server.url, namespace=self.ns, loader=loader, **self.options)
+        cache = make_cache(impl, self.server.url, namespace=self.ns, loader=loader, **self.options)
         assert cache.wait_ready(10.0), "a new instance never got its channel ready"
         new = {c["name"] for c in listener_clients(self.raw, self.ns)} - before
         assert len(new) == 1, f"cannot tell the new instance's listener among {new}"
@@ -489,11 +493,13 @@ SETTINGS = settings(
 )
 
 
-def _run(server: RedisServer, capsys: pytest.CaptureFixture[str], cfg: settings) -> None:
+def _run(
+    server: RedisServer, capsys: pytest.CaptureFixture[str], cfg: settings, impl: str = "sync"
+) -> None:
     SYNC_TIMES.clear()
     RULES.clear()
     try:
-        run_state_machine_as_test(lambda: TieredModel(server), settings=cfg)
+        run_state_machine_as_test(lambda: TieredModel(server, impl), settings=cfg)
     finally:
         with capsys.disabled():
             times = [t * 1000 for t in SYNC_TIMES]
@@ -510,21 +516,31 @@ def model_backend(request: pytest.FixtureRequest) -> Any:
     """One real Redis, or the session's 3-master cluster (emptied; no restart rule there)."""
     if request.param == "single":
         return request.getfixturevalue("redis_server")
+    if request.getfixturevalue("impl") == "async":
+        pytest.skip("AsyncTieredCache does not support Redis Cluster (docs/asyncio.md)")
     cluster = request.getfixturevalue("shared_cluster")
     cluster.flushall()
     return cluster
 
 
-def test_tiered_cache_model(model_backend: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    """Three TieredCache instances against the model on one real Redis or a cluster."""
+def test_tiered_cache_model(
+    model_backend: Any, capsys: pytest.CaptureFixture[str], impl: str
+) -> None:
+    """Three cache instances against the model on one real Redis or a cluster (see the module
+    docstring); with ``impl="async"`` two of them are AsyncTieredCache."""
     cluster = not isinstance(model_backend, RedisServer)
-    _run(model_backend, capsys, settings(SETTINGS, max_examples=8) if cluster else SETTINGS)
+    cfg = settings(SETTINGS, max_examples=8) if cluster else SETTINGS
+    _run(model_backend, capsys, cfg, impl)
 
 
 @pytest.mark.slow
 def test_tiered_cache_model_long(
-    request: pytest.FixtureRequest, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    capsys: pytest.CaptureFixture[str],
+    impl: str,
 ) -> None:
     """The same machine with more and longer examples (``make soak``)."""
     soak_only(request)
-    _run(redis_server, capsys, settings(SETTINGS, max_examples=150, stateful_step_count=50))
+    long = settings(SETTINGS, max_examples=150, stateful_step_count=50)
+    _run(redis_server, capsys, long, impl)

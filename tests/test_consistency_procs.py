@@ -112,12 +112,18 @@ def _run(
     min_resyncs: int,
     owned_per_proc: int = 3,
     contended: int = 2,
+    impl: str = "sync",
 ) -> None:
-    """Run the workload for ``duration`` s while ``inject`` runs; check the history."""
+    """Run the workload for ``duration`` s while ``inject`` runs; check the history.
+
+    ``impl="async"``: the odd-numbered processes use an AsyncTieredCache, the others a
+    TieredCache, all on one namespace.
+    """
     namespace = f"hist{os.getpid()}x{time.monotonic_ns() % 10**9}"
     keys, owners = key_space(len(workers), owned_per_proc, contended)
-    for w in workers:
-        w.send("open", server.url, {"namespace": namespace, **CACHE_OPTIONS})
+    for i, w in enumerate(workers):
+        kind = impl if i % 2 else "sync"
+        w.send("open", server.url, {"namespace": namespace, **CACHE_OPTIONS, "impl": kind})
     for w in workers:
         w.receive(timeout=60)
     start_at = time.time() + 0.5
@@ -213,7 +219,11 @@ def _flushall(server: RedisServer, timeline: Timeline) -> None:
 
 
 def test_history_under_faults(
-    redis_server: RedisServer, workers: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    redis_server: RedisServer,
+    workers: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    impl: str,
 ) -> None:
     """4 processes; CLIENT KILL TYPE pubsub, SIGSTOP of Redis for 1.5 s, restart with no data."""
     procs = workers(PROCS)
@@ -226,7 +236,8 @@ def test_history_under_faults(
         _until(t0 + 10.5)
         _restart_empty(redis_server, timeline)
 
-    _run(redis_server, procs, tmp_path, 14.0, inject, capsys, "faults", min_resyncs=3)
+    label = f"faults, {impl}"
+    _run(redis_server, procs, tmp_path, 14.0, inject, capsys, label, min_resyncs=3, impl=impl)
 
 
 def _evict_slow_subscriber(
@@ -287,6 +298,7 @@ def test_history_slow_subscriber_evicted(
     workers: Any,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    impl: str,
 ) -> None:
     """Redis drops a frozen subscriber (``client-output-buffer-limit pubsub 1kb 1kb 0``) while
     the others write: the victim must notice the loss before it serves from its local tier."""
@@ -301,7 +313,8 @@ def test_history_slow_subscriber_evicted(
             _evict_slow_subscriber(server, procs[3], burst, timeline, 2)
             _until(t0 + 9.0)
 
-    _run(server, procs, tmp_path, 10.0, inject, capsys, "slow subscriber", min_resyncs=0)
+    label = f"slow subscriber, {impl}"  # (the victims, 1 and 3, run the parametrized driver)
+    _run(server, procs, tmp_path, 10.0, inject, capsys, label, min_resyncs=0, impl=impl)
     # Each victim was dropped by Redis while frozen, and must have resynchronised afterwards.
     for victim in (procs[1], procs[3]):
         stats = victim.call("stats")

@@ -47,8 +47,9 @@ from tiercache.protocol import jittered, xfetch_due
 
 
 @pytest.fixture
-def make(redis_client: redis.Redis, shared_redis: RedisServer) -> Iterator[Factory]:
-    with cache_factory(shared_redis.url) as factory:
+def make(redis_client: redis.Redis, shared_redis: RedisServer, impl: str) -> Iterator[Factory]:
+    """Ready caches on the shared server: TieredCache, or AsyncTieredCache (tests.aio_facade)."""
+    with cache_factory(shared_redis.url, impl) as factory:
         yield factory
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.aio_facade import SyncFacade
 from tests.servers import RedisServer, wait_until
 from tests.test_stampede import (
     Background,
@@ -50,8 +51,9 @@ from tiercache.tiered import CALL_MARK
 
 
 @pytest.fixture
-def make(redis_client: redis.Redis, shared_redis: RedisServer) -> Iterator[Factory]:
-    with cache_factory(shared_redis.url) as factory:
+def make(redis_client: redis.Redis, shared_redis: RedisServer, impl: str) -> Iterator[Factory]:
+    """Ready caches on the shared server: TieredCache, or AsyncTieredCache (tests.aio_facade)."""
+    with cache_factory(shared_redis.url, impl) as factory:
         yield factory
 
 
@@ -305,7 +307,7 @@ def test_s13a_single_flight_leader_cancelled(make: Factory, how: str) -> None:
     async def scenario() -> None:
         started, release = asyncio.Event(), asyncio.Event()
 
-        @tiered_cache(c, name="s13a")
+        @tiered_cache(decoratable(c), name="s13a")
         async def get(x: int) -> str:
             calls.append(x)
             started.set()
@@ -330,10 +332,10 @@ def test_s13a_single_flight_leader_cancelled(make: Factory, how: str) -> None:
         results = await asyncio.wait_for(asyncio.gather(*followers, return_exceptions=True), 10)
         assert results == ["value-1"] * 99, {type(r).__name__ for r in results}
         assert calls == [1]
-        assert get._flights == {}, "the in-flight entry was not removed"
+        assert in_flight(get, c) == 0, "the in-flight entry was not removed"
         assert await get(1) == "value-1" and calls == [1]
 
-    asyncio.run(scenario())
+    run_async(c, scenario())
 
 
 @pytest.mark.parametrize("mode", ["async", "threads"])
@@ -354,7 +356,7 @@ def test_s13b_single_flight_leader_fails(
         async def scenario() -> None:
             release = asyncio.Event()
 
-            @tiered_cache(c, name="s13b")
+            @tiered_cache(decoratable(c), name="s13b")
             async def get(x: int) -> str:
                 calls.append(x)
                 await release.wait()
@@ -367,16 +369,18 @@ def test_s13b_single_flight_leader_fails(
             release.set()
             results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
             assert all(r is error for r in results), {repr(r) for r in results}
-            assert calls == [1] and get._flights == {}
+            assert calls == [1] and in_flight(get, c) == 0
             assert redis_client.get(raw_key((CALL_MARK, "s13b", (1,), ()))) is None
             assert await get(1) == "recovered" and calls == [1, 1]
 
-        asyncio.run(scenario())
+        run_async(c, scenario())
         return
     loader = Gated(error)
     leader = Background(lambda: c.get_or_load("k", loader), name="leader")
     assert loader.loading.wait(10)
     followers = [Background(lambda: c.get_or_load("k", loader)) for _ in range(19)]
+    # A caller counts its miss right before it joins the load (and then waits in "result").
+    wait_until(lambda: c.stats()["misses"] == 20, 10, message="every caller missed")
     wait_until(lambda: all(blocked_in(f.thread, "result") for f in followers), 10)
     loader.release.set()
     for call in [leader, *followers]:
@@ -405,7 +409,7 @@ def test_s13c_redis_rejects_the_key(make: Factory, redis_client: redis.Redis, mo
         redis_client.hset(raw_key(key), "f", "v")
 
         async def scenario() -> None:
-            @tiered_cache(c, name="s13c")
+            @tiered_cache(decoratable(c), name="s13c")
             async def get(x: int) -> str:
                 calls.append("load")
                 await asyncio.sleep(0.05)  # the origin's latency
@@ -420,12 +424,14 @@ def test_s13c_redis_rejects_the_key(make: Factory, redis_client: redis.Redis, mo
             assert await get(1) == "value-1"
             assert unpack(redis_client.get(raw_key(key))).is_value
 
-        asyncio.run(scenario())
+        run_async(c, scenario())
         return
     redis_client.hset(raw_key("k"), "f", "v")
 
     def loader(k: Any) -> str:
         calls.append(threading.current_thread().name)
+        # Every caller's read has failed (a loaded machine may start one late).
+        wait_until(lambda: c.stats()["read_errors"] >= 20, 10)
         time.sleep(0.2)  # the origin's latency
         return "value"
 
@@ -460,8 +466,9 @@ def test_s14_cold_key_stampede_across_processes_then_a_hot_key_invalidated_under
     """
     start, go = workers
     ws = [start(f"P{i}") for i in range(4)]
+    impl = "async" if isinstance(make(), SyncFacade) else "sync"  # the processes' driver, too
     for w in ws:
-        w.send("open", shared_redis.url, {"health_timeout": 5.0})
+        w.send("open", shared_redis.url, {"health_timeout": 5.0, "impl": impl})
     for w in ws:
         w.receive(60)
     for w in ws:
@@ -477,8 +484,12 @@ def test_s14_cold_key_stampede_across_processes_then_a_hot_key_invalidated_under
         message="every process calling the hot key in a loop",
     )
     assert truth.calls("s14") == 1
-    mine = tiered_cache(make(), name="s14")(_s14_body)
-    assert mine.invalidate(1) is True
+    c = make()
+    mine = tiered_cache(decoratable(c), name="s14")(_s14_body)
+    invalidated = mine.invalidate(1)
+    if asyncio.iscoroutine(invalidated):  # (an AsyncTieredCache's decorator)
+        invalidated = run_async(c, invalidated)
+    assert invalidated is True
     results = [w.receive(60) for w in ws]
     cold = [r for res in results for r in res[0]]
     hot = [r for res in results for r in res[1]]
@@ -497,6 +508,23 @@ def test_s14_cold_key_stampede_across_processes_then_a_hot_key_invalidated_under
 async def _s14_body(x: int) -> str:
     """The test process' copy of the s14 function (it only invalidates, never computes)."""
     raise AssertionError("the test process never computes s14")
+
+
+def decoratable(c: Any) -> Any:
+    """What ``@tiered_cache`` takes: the cache, or the AsyncTieredCache behind a facade."""
+    return c.impl if isinstance(c, SyncFacade) else c
+
+
+def run_async(c: Any, scenario: Any) -> Any:
+    """Run an asyncio scenario: in a loop of its own, or in an AsyncTieredCache's loop."""
+    if isinstance(c, SyncFacade):
+        return c._loop.run(scenario)
+    return asyncio.run(scenario)
+
+
+def in_flight(fn: Any, c: Any) -> int:
+    """Calls in flight of a decorated ``async def``."""
+    return len(fn._flights)
 
 
 # -- S15 ----------------------------------------------------------------------------------------

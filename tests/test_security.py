@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.aio_facade import make_cache
 from tests.servers import RedisServer, wait_until
 from tiercache import tiered_cache
 from tiercache.envelope import HEADER_SIZE, Envelope, unpack
@@ -47,12 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def make(redis_client: redis.Redis, shared_redis: RedisServer) -> Iterator[Callable[..., Any]]:
-    """``make(**options)``: a ready TieredCache (namespace "secu") on the shared, flushed server."""
+def make(
+    redis_client: redis.Redis, shared_redis: RedisServer, impl: str
+) -> Iterator[Callable[..., Any]]:
+    """``make(**options)``: a ready cache on the shared, flushed server (``impl``: a TieredCache,
+    or an AsyncTieredCache behind tests.aio_facade.SyncFacade)."""
     made: list[TieredCache] = []
 
     def factory(**options: Any) -> TieredCache:
-        cache = TieredCache(shared_redis.url, **{**FAST, **options})
+        cache = make_cache(impl, shared_redis.url, **{**FAST, **options})
         made.append(cache)
         assert cache.wait_ready(10), "the invalidation channel never became ready"
         return cache
@@ -358,6 +362,7 @@ def test_a_value_planted_under_a_long_keys_name_for_another_key_is_rejected(
     assert sorted(other) == ["a" * 100]  # iteration skips the mismatched one
 
 
+@pytest.mark.sync_only("a plain function is memoized by TieredCache (tests/test_aio.py: async)")
 def test_a_decorated_function_with_long_arguments_is_cleared(
     make: Callable[..., TieredCache], redis_client: redis.Redis
 ) -> None:

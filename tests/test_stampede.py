@@ -37,6 +37,7 @@ import pytest
 import redis
 
 import tiercache
+from tests.aio_facade import make_cache
 from tests.servers import RedisServer, wait_until
 from tiercache import MISSING, TieredCache
 from tiercache.envelope import FLAG_LEASE, EnvelopeError, unpack
@@ -369,7 +370,8 @@ class _WorkerState:
     def run(self, name: str, args: tuple[Any, ...]) -> Any:
         if name == "open":
             url, options = args
-            self.cache = TieredCache(url, **options)
+            options = dict(options)
+            self.cache = make_cache(options.pop("impl", "sync"), url, **options)
             if not self.cache.wait_ready(15):
                 raise TimeoutError("the worker's cache did not become ready")
             return os.getpid()
@@ -449,7 +451,8 @@ class _WorkerState:
             value = await asyncio.to_thread(loader, x)
             return str(value)
 
-        self.fn = tiercache.tiered_cache(cache, name=name, **options)(afn)
+        target = getattr(cache, "impl", cache)  # an AsyncTieredCache behind a SyncFacade
+        self.fn = tiercache.tiered_cache(target, name=name, **options)(afn)
 
     def _async_stampede(
         self, x: Any, tasks: int, rounds: list[dict[str, Any]]
@@ -502,7 +505,8 @@ class _WorkerState:
                 )
             return results
 
-        return asyncio.run(main())
+        loop = getattr(self.cache, "_loop", None)  # an AsyncTieredCache runs in its own loop
+        return loop.run(main(), 600) if loop is not None else asyncio.run(main())
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -527,14 +531,15 @@ def tiercache_threads(baseline: set[threading.Thread]) -> list[threading.Thread]
 
 
 @contextlib.contextmanager
-def cache_factory(url: str) -> Iterator[Factory]:
-    """``make(**options)``: ready TieredCache instances on ``url``, closed (threads checked)."""
+def cache_factory(url: str, impl: str = "sync") -> Iterator[Factory]:
+    """``make(**options)``: ready caches on ``url`` (``impl``: tests.aio_facade.make_cache),
+    closed (threads checked)."""
     baseline = set(threading.enumerate())
     made: list[TieredCache] = []
 
     def factory(**kwargs: Any) -> TieredCache:
         kwargs.setdefault("health_timeout", 5.0)
-        cache = TieredCache(url, **kwargs)
+        cache = make_cache(impl, url, **kwargs)
         made.append(cache)
         assert cache.wait_ready(10), "the invalidation channel never became ready"
         return cache
@@ -549,8 +554,8 @@ def cache_factory(url: str) -> Iterator[Factory]:
 
 
 @pytest.fixture
-def make(redis_client: redis.Redis, shared_redis: RedisServer) -> Iterator[Factory]:
-    with cache_factory(shared_redis.url) as factory:
+def make(redis_client: redis.Redis, shared_redis: RedisServer, impl: str) -> Iterator[Factory]:
+    with cache_factory(shared_redis.url, impl) as factory:
         yield factory
 
 
@@ -713,6 +718,8 @@ def test_threads_of_one_process_share_one_load(make: Factory, redis_client: redi
     leader = Background(lambda: c.get_or_load("k", loader), name="leader")
     assert started.wait(10)
     followers = [Background(lambda: c.get_or_load("k", loader)) for _ in range(12)]
+    # A caller counts its miss right before it joins the load (then waits in "result").
+    wait_until(lambda: c.stats()["misses"] == 13, 10, message="every caller missed")
     wait_until(lambda: _followers_joined([f.thread for f in followers]), 10)
     # While the load runs, the key's entry is our fill lease, with a TTL.
     raw = redis_client.get(raw_key("k"))
@@ -747,6 +754,7 @@ def test_leader_exception_reaches_every_waiter_and_is_not_cached(
     leader = Background(lambda: c.get_or_load("k", loader))
     assert started.wait(10)
     followers = [Background(lambda: c.get_or_load("k", loader)) for _ in range(6)]
+    wait_until(lambda: c.stats()["misses"] == 7, 10, message="every caller missed")
     wait_until(lambda: _followers_joined([f.thread for f in followers]), 10)
     release.set()
     for call in [leader, *followers]:
@@ -809,7 +817,7 @@ def test_a_waiter_whose_leader_is_stuck_loads_itself_after_lease_wait(
 
 
 def test_single_flight_holds_when_redis_fails_the_read(
-    redis_factory: Callable[..., RedisServer],
+    redis_factory: Callable[..., RedisServer], impl: str
 ) -> None:
     """With Redis down, concurrent misses of one key in one process still share one load.
 
@@ -824,8 +832,8 @@ def test_single_flight_holds_when_redis_fails_the_read(
         time.sleep(0.3)  # the origin's latency
         return "from origin"
 
-    with cache_factory(server.url) as make_cache:
-        c = make_cache(connect_timeout=0.2, socket_timeout=0.2)
+    with cache_factory(server.url, impl) as factory:
+        c = factory(connect_timeout=0.2, socket_timeout=0.2)
         server.stop()
         callers = [Background(lambda: c.get_or_load("k", loader)) for _ in range(8)]
         assert [x.result() for x in callers] == ["from origin"] * 8
@@ -890,6 +898,8 @@ def test_a_value_redis_still_holds_past_its_expiry_is_reloaded_once_under_the_le
 
     def loader(key: Any) -> str:
         calls.append(threading.current_thread().name)
+        # Every caller has read the expired entry (a loaded machine may start one late).
+        wait_until(lambda: sum(x.stats()["misses"] for x in caches) >= 8, 10)
         time.sleep(0.2)  # the origin's latency
         return "new"
 
@@ -913,7 +923,7 @@ def _worker_results(ws: list[Worker], timeout: float) -> list[tuple[str, Any, fl
 
 
 def test_cold_key_stampede_across_8_processes_runs_the_loader_once(
-    workers: Any, shared_redis: RedisServer, truth: Truth, redis_client: redis.Redis
+    workers: Any, shared_redis: RedisServer, truth: Truth, redis_client: redis.Redis, impl: str
 ) -> None:
     """8 processes x 4 threads ask for one cold key at once; the loader takes 200 ms.
 
@@ -924,7 +934,7 @@ def test_cold_key_stampede_across_8_processes_runs_the_loader_once(
     start, go = workers
     ws = [start(f"W{i}") for i in range(8)]
     for w in ws:
-        w.send("open", shared_redis.url, {"health_timeout": 5.0})
+        w.send("open", shared_redis.url, {"health_timeout": 5.0, "impl": impl})
     for w in ws:
         w.receive(60)
     loader = TruthLoader(shared_redis.url, "k", delay=0.2)
@@ -1010,7 +1020,7 @@ def _holder_killed_round(
 
 
 def test_lease_holder_killed_mid_load_the_others_recover_within_the_lease_ttl(
-    workers: Any, shared_redis: RedisServer, truth: Truth, redis_client: redis.Redis
+    workers: Any, shared_redis: RedisServer, truth: Truth, redis_client: redis.Redis, impl: str
 ) -> None:
     """The process holding the fill lease is SIGKILLed in the middle of its load while 7 other
     processes x 4 threads wait for the key.
@@ -1022,8 +1032,8 @@ def test_lease_holder_killed_mid_load_the_others_recover_within_the_lease_ttl(
     """
     start, go = workers
     others = [start(f"W{i}") for i in range(7)]
-    for w in others:
-        w.send("open", shared_redis.url, _KILL_OPTIONS)
+    for w in others:  # (the holder is a TieredCache: the waiters' driver is parametrized)
+        w.send("open", shared_redis.url, {**_KILL_OPTIONS, "impl": impl})
     for w in others:
         w.receive(60)
     _holder_killed_round(start, go, shared_redis.url, truth, redis_client, others, "k")

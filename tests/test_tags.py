@@ -3,6 +3,10 @@
 Two or more TieredCache instances per test, each with its own connections and listener thread,
 as separate processes would have (tests/test_tags_procs.py runs real OS processes). Waits are
 ``wait_until`` with a deadline; no timing assertions.
+
+With ``impl="async"`` the first, third... cache a test makes is an AsyncTieredCache (behind
+tests.aio_facade's SyncFacade) and the others TieredCache: every scenario then runs between a
+sync and an async cache on one namespace (a cache on a given client object stays sync).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.aio_facade import make_cache
 from tests.history import routed_client
 from tests.proxy import TcpProxy
 from tests.servers import RedisServer, wait_until
@@ -27,14 +32,18 @@ Factory = Callable[..., TieredCache]
 
 
 @pytest.fixture
-def make(redis_client: redis.Redis, shared_redis: RedisServer) -> Iterator[Factory]:
-    """``make(**options)``: a ready TieredCache on the shared server, closed after the test."""
-    made: list[TieredCache] = []
+def make(redis_client: redis.Redis, shared_redis: RedisServer, impl: str) -> Iterator[Factory]:
+    """``make(**options)``: a ready cache on the shared server, closed after the test
+    (alternately async and sync when ``impl`` is "async")."""
+    made: list[Any] = []
 
     def factory(url: str | redis.Redis | None = None, **kwargs: Any) -> TieredCache:
         kwargs.setdefault("health_timeout", 5.0)
         kwargs.setdefault("namespace", "tg")
-        cache = TieredCache(url or shared_redis.url, **kwargs)
+        kind = "async" if impl == "async" and len(made) % 2 == 0 else "sync"
+        if url is not None and not isinstance(url, str):
+            kind = "sync"  # (a sync client object)
+        cache = make_cache(kind, url or shared_redis.url, **kwargs)
         made.append(cache)
         assert cache.wait_ready(10.0)
         return cache
@@ -462,6 +471,7 @@ def _forked_child(cache: TieredCache, out: Any) -> None:
     out.put((ready, before, cache.get("k")))
 
 
+@pytest.mark.sync_only("os.fork: TieredCache only (an event loop does not survive a fork)")
 def test_tags_in_a_forked_child(make: Factory) -> None:
     a = make(ttl=60)
     a.set("k", 1, tags=("t",))

@@ -22,6 +22,7 @@ from uuid import UUID
 import pytest
 import redis
 
+from tests.aio_facade import make_cache
 from tests.servers import RedisServer, pid_alive, wait_until
 from tiercache.envelope import unpack
 from tiercache.keys import KeySpace, encode_key, local_key
@@ -49,15 +50,18 @@ def tiercache_threads() -> list[threading.Thread]:
 
 
 @pytest.fixture
-def make(redis_client: redis.Redis, shared_redis: RedisServer) -> Iterator[Factory]:
-    """``make(**options)``: a ready TieredCache on the shared server, closed after the test."""
+def make(redis_client: redis.Redis, shared_redis: RedisServer, impl: str) -> Iterator[Factory]:
+    """``make(**options)``: a ready TieredCache on the shared server, closed after the test.
+
+    Parametrized: a TieredCache, or an AsyncTieredCache behind tests.aio_facade.SyncFacade.
+    """
     made: list[TieredCache] = []
 
     def factory(**kwargs: Any) -> TieredCache:
         # A generous PONG deadline: a starved listener thread must not turn the local tier off
         # in the middle of a test that counts local hits.
         kwargs.setdefault("health_timeout", 5.0)
-        cache = TieredCache(shared_redis.url, **kwargs)
+        cache = make_cache(impl, shared_redis.url, **kwargs)
         made.append(cache)
         assert cache.wait_ready(10), "the invalidation channel never became ready"
         return cache
@@ -215,9 +219,11 @@ def test_bad_ttls_are_refused(make: Factory, ttl: float) -> None:
         {"namespace": "a{b}"},
     ],
 )
-def test_bad_options_are_refused(shared_redis: RedisServer, options: dict[str, Any]) -> None:
+def test_bad_options_are_refused(
+    shared_redis: RedisServer, options: dict[str, Any], impl: str
+) -> None:
     with pytest.raises(ValueError):
-        TieredCache(shared_redis.url, **options)
+        make_cache(impl, shared_redis.url, **options)
     assert tiercache_threads() == []
 
 
@@ -739,6 +745,7 @@ def _forked_child(cache: TieredCache, key: Any, conn: Any) -> None:
         conn.send(("error", repr(exc)))
 
 
+@pytest.mark.sync_only("os.fork: an asyncio loop does not survive into a forked child")
 def test_forked_child_does_not_serve_the_parents_copies(make: Factory, K: KeyOf) -> None:
     parent = make()
     parent[K(1)] = "v1"

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.aio_facade import make_cache
 from tests.proxy import TcpProxy
 from tests.servers import RedisServer, wait_until
 from tiercache.envelope import unpack
@@ -58,13 +59,16 @@ def tiercache_threads() -> list[threading.Thread]:
 
 
 @pytest.fixture
-def make(redis_server: RedisServer) -> Iterator[Factory]:
-    """``make(url=None, ready=True, **options)``: a TieredCache on the test's own server."""
+def make(redis_server: RedisServer, impl: str) -> Iterator[Factory]:
+    """``make(url=None, ready=True, **options)``: a TieredCache on the test's own server.
+
+    Parametrized: a TieredCache, or an AsyncTieredCache behind tests.aio_facade.SyncFacade.
+    """
     made: list[TieredCache] = []
 
     def factory(url: str | None = None, *, ready: bool = True, **kwargs: Any) -> TieredCache:
         options = {**FAST, **kwargs}
-        cache = TieredCache(url or redis_server.url, **options)
+        cache = make_cache(impl, url or redis_server.url, **options)
         made.append(cache)
         if ready:
             assert cache.wait_ready(10), "the invalidation channel never became ready"
@@ -534,13 +538,13 @@ def test_close_stops_a_listener_stuck_on_a_half_open_link(make: Factory, proxy: 
 
 
 def test_close_stops_the_listener_before_returning_even_when_redis_is_slow(
-    redis_server: RedisServer, proxy: TcpProxy, admin: redis.Redis
+    redis_server: RedisServer, proxy: TcpProxy, admin: redis.Redis, impl: str
 ) -> None:
     # Every round trip through the proxy takes ~0.5 s: the listener is still connecting,
     # subscribing and catching up when close() is called.
     proxy.set_latency(0.25)
-    cache = TieredCache(
-        f"redis://{proxy.host}:{proxy.port}/0", socket_timeout=3.0, startup_timeout=0.2
+    cache = make_cache(
+        impl, f"redis://{proxy.host}:{proxy.port}/0", socket_timeout=3.0, startup_timeout=0.2
     )
     seconds, exc = timed(cache.close)
     still_running = [t.name for t in tiercache_threads()]
@@ -557,7 +561,8 @@ def test_close_stops_the_listener_before_returning_even_when_redis_is_slow(
         wait_until(lambda: others() == [], 5, message="connections left open after close()")
     finally:
         left = others()
-        cache.redis.connection_pool.disconnect()  # release whatever was left
+        if impl == "sync":  # (the asyncio cache's aclose() has closed its own client)
+            cache.redis.connection_pool.disconnect()  # release whatever was left
     assert left == []
 
 

@@ -1,6 +1,7 @@
 """tiercache: a two-tier cache (in-process LRU/LFU/W-TinyLFU in front of Redis)."""
 
 from ._sentinel import MISSING
+from .aio import AsyncTieredCache
 from .bloom import BloomConfig
 from .decorator import CacheInfo, tiered_cache
 from .errors import CacheUnavailable, TiercacheError
@@ -13,6 +14,7 @@ from .writebehind import WriteBehind, WriteBehindItem
 __all__ = [
     "EXTENSIONS",
     "MISSING",
+    "AsyncTieredCache",
     "BloomConfig",
     "CacheInfo",
     "CacheUnavailable",

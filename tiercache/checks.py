@@ -101,6 +101,29 @@ def check_server(client: redis_lib.Redis, *, entries_expire: bool = False) -> li
     return problems
 
 
+async def check_server_async(client: Any, *, entries_expire: bool = False) -> list[str]:
+    """``check_server`` for a redis.asyncio client (AsyncTieredCache.start)."""
+    if not _first_time(client, "cache"):
+        return []
+    out: dict[str, str] = {}
+    try:
+        for name in ("maxmemory", "maxmemory-policy"):
+            reply: Any = await client.config_get(name)
+            for k, v in dict(reply).items():
+                k = k.decode() if isinstance(k, bytes) else str(k)
+                out[k] = v.decode() if isinstance(v, bytes) else str(v)
+    except redis_lib.RedisError as err:  # NOPERM, unknown command, a closed connection...
+        log.debug("Redis configuration not checked (CONFIG GET refused): %s", err)
+        return []
+    except Exception as err:  # a client of another shape: never fail a cache for a check
+        log.debug("Redis configuration not checked: %r", err)
+        return []
+    problems = server_problems(out, entries_expire=entries_expire)
+    for problem in problems:
+        log.warning("%s (server %s)", problem, _server_id(client))
+    return problems
+
+
 def write_behind_problems(config: dict[str, str]) -> list[str]:
     """What in ``config`` puts queued write-behind writes at risk."""
     problems = []

@@ -18,6 +18,8 @@ from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 from ._sentinel import MISSING
+from .aio.stampede import AsyncSingleFlight
+from .aio.tiered import AsyncTieredCache
 from .errors import CacheUnavailable
 from .keys import encode_key
 from .local import CallFront, LocalCache, install_fast_call
@@ -331,6 +333,112 @@ class AsyncCachedFunction:
     close = CachedFunction.close
 
 
+class AioCachedFunction:
+    """An ``async def`` function memoized in an AsyncTieredCache (no worker threads).
+
+    A local hit answers at once; concurrent misses of one call share one task (a cancelled
+    caller does not cancel it) that reads Redis and, on a miss there, awaits the function under
+    the fill lease. ``cache_clear()`` and ``invalidate(...)`` are coroutines.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        cache: AsyncTieredCache,
+        *,
+        ttl: float | None,
+        key: Callable[..., Any] | None,
+        typed: bool,
+        local_maxsize: int,
+        name: str | None,
+        owns_cache: bool,
+    ) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._tiered = cache
+        self._ttl = ttl
+        self._owns_cache = owns_cache
+        self._keys = _Keys(name or _qualified(fn), typed, key, _signature(fn))
+        self._local_maxsize = local_maxsize
+        self.local = LocalCache(local_maxsize, **cache._l1_args)
+        self._remote_hits = 0
+        self._loads = 0
+        self._flights = AsyncSingleFlight()
+        cache.register_subtier(self._keys.name, self)
+        if hasattr(inspect, "markcoroutinefunction"):  # Python >= 3.12
+            inspect.markcoroutinefunction(self)
+        else:  # the marker asyncio.iscoroutinefunction looks for
+            self._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+
+    def local_key_of(self, key: tuple[Any, ...]) -> Hashable:
+        """The local key of a call key (for the cache's invalidation routing)."""
+        return self._keys.local(key[2], key[3])
+
+    def _rebind_local(self) -> None:
+        """A fresh local tier."""
+        self.local = LocalCache(self._local_maxsize, **self._tiered._l1_args)
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        lkey, rkey = self._keys.of_call(args, kwargs)
+        cache = self._tiered
+        if cache._local_usable:
+            e = self.local.entry(lkey)
+            if e is not None and e.fresh_until > self.local.timer() and e.value is not MISSING:
+                return self.local.get(lkey, e.value)
+        # Concurrent calls share one miss, Redis read included (a task no caller's
+        # cancellation reaches); a caller that joined waits at most lease_wait, then runs its
+        # own miss, whose load the cache's own single-flight and the fill lease still share.
+        return await self._flights.run(
+            rkey, lambda: self._miss(rkey, args, kwargs), wait=cache._lease_wait
+        )
+
+    async def _miss(self, rkey: tuple[Any, ...], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        """Redis, then the function under the fill lease; counted once per shared miss."""
+        loaded = False
+
+        async def load(_key: Any) -> Any:
+            nonlocal loaded
+            loaded = True
+            try:
+                return await self._fn(*args, **kw)
+            except Exception as err:  # a KeyError of the function is not a cache miss
+                raise _CallError(err) from err
+
+        try:
+            value = await self._tiered._read(rkey, load, self._ttl)
+        except _CallError as err:
+            self._loads += 1  # a call that raised is a miss, as in functools
+            raise err.error from None
+        if loaded:
+            self._loads += 1
+        else:
+            self._remote_hits += 1
+        return value
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else types.MethodType(self, obj)
+
+    cache_info = CachedFunction.cache_info
+
+    async def cache_clear(self) -> None:
+        """Forget this function's results in Redis and in every process' local tier."""
+        await self._tiered.clear_prefix(encode_key((CALL_MARK, self._keys.name)))
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        """Forget the result of one call, everywhere; whether it was cached anywhere."""
+        _, rkey = self._keys.of_call(args, kwargs)
+        return await self._tiered.invalidate(rkey)
+
+    async def aclose(self) -> None:
+        """Close the cache if this decorator created it."""
+        self._tiered.unregister_subtier(self._keys.name)
+        if self._owns_cache:
+            await self._tiered.aclose()
+
+    def __repr__(self) -> str:
+        return f"<tiered_cache {self._keys.name} of {self._tiered!r}>"
+
+
 def _qualified(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
@@ -349,7 +457,7 @@ def _release_pending(cache: TieredCache, pending: Any) -> None:
 
 
 def tiered_cache(
-    cache: TieredCache | None = None,
+    cache: TieredCache | AsyncTieredCache | None = None,
     *,
     ttl: float | None = None,
     key: Callable[..., Any] | None = None,
@@ -365,16 +473,28 @@ def tiered_cache(
     float, bool, None, tuples), kwargs in any order; ``typed=True`` keeps ``1`` and ``1.0``
     apart; ``key=fn(*args, **kwargs)`` computes the key instead (e.g. to leave ``self`` out of
     a method's). The wrapper has ``cache_info()``, ``cache_clear()`` and ``invalidate(...)``.
+    With an AsyncTieredCache, the function must be ``async def``, and ``cache_clear()`` and
+    ``invalidate(...)`` are coroutines.
     """
-    if cache is not None and not isinstance(cache, TieredCache):
-        raise TypeError("tiered_cache() takes a TieredCache (use @tiered_cache(cache, ...))")
+    if cache is not None and not isinstance(cache, (TieredCache, AsyncTieredCache)):
+        raise TypeError(
+            "tiered_cache() takes a TieredCache or an AsyncTieredCache "
+            "(use @tiered_cache(cache, ...))"
+        )
     if cache is not None and cache_options:
         raise TypeError(f"options for a new cache given with a cache: {sorted(cache_options)}")
 
     def decorate(fn: Callable[..., Any]) -> Any:
         owns = cache is None
         target = TieredCache(**cache_options) if cache is None else cache
-        cls = AsyncCachedFunction if inspect.iscoroutinefunction(fn) else CachedFunction
+        is_async = inspect.iscoroutinefunction(fn)
+        cls: type[Any]
+        if isinstance(target, AsyncTieredCache):
+            if not is_async:
+                raise TypeError("an AsyncTieredCache memoizes `async def` functions only")
+            cls = AioCachedFunction
+        else:
+            cls = AsyncCachedFunction if is_async else CachedFunction
         return cls(
             fn,
             target,

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _drop(target: Any, key: Callable[..., Any] | None, args: Any, kwargs: Any) -> None:
-    if hasattr(target, "write_around"):  # a TieredCache
-        target.write_around(key(*args, **kwargs) if key is not None else args[0])
-        return
+def _drop(target: Any, key: Callable[..., Any] | None, args: Any, kwargs: Any) -> Any:
+    """Invalidate what the call wrote; an awaitable when the target is asynchronous."""
+    if hasattr(target, "write_around"):  # a TieredCache or an AsyncTieredCache
+        return target.write_around(key(*args, **kwargs) if key is not None else args[0])
     call = key(*args, **kwargs) if key is not None else args  # a cached function
     if (
         isinstance(call, tuple)
@@ -29,9 +29,8 @@ def _drop(target: Any, key: Callable[..., Any] | None, args: Any, kwargs: Any) -
         and isinstance(call[0], tuple)
         and isinstance(call[1], dict)
     ):
-        target.invalidate(*call[0], **call[1])
-    else:
-        target.invalidate(*(call if isinstance(call, tuple) else (call,)))
+        return target.invalidate(*call[0], **call[1])
+    return target.invalidate(*(call if isinstance(call, tuple) else (call,)))
 
 
 def write_around(target: Any, *, key: Callable[..., Any] | None = None) -> Callable[[F], F]:
@@ -45,7 +44,9 @@ def write_around(target: Any, *, key: Callable[..., Any] | None = None) -> Calla
                 try:
                     return await fn(*args, **kwargs)
                 finally:
-                    _drop(target, key, args, kwargs)
+                    dropped = _drop(target, key, args, kwargs)
+                    if inspect.isawaitable(dropped):  # an AsyncTieredCache (or its function)
+                        await dropped
 
             return async_wrapper  # type: ignore[return-value]
 
@@ -54,7 +55,13 @@ def write_around(target: Any, *, key: Callable[..., Any] | None = None) -> Calla
             try:
                 return fn(*args, **kwargs)
             finally:
-                _drop(target, key, args, kwargs)
+                dropped = _drop(target, key, args, kwargs)
+                if inspect.iscoroutine(dropped):
+                    dropped.close()
+                    raise TypeError(
+                        "write_around on an AsyncTieredCache (or a function it caches) needs an "
+                        "async def writer"
+                    )
 
         return wrapper  # type: ignore[return-value]
 

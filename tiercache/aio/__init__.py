@@ -1,0 +1,5 @@
+"""tiercache for asyncio: AsyncTieredCache over redis.asyncio (see tiercache.aio.tiered)."""
+
+from .tiered import AsyncTieredCache
+
+__all__ = ["AsyncTieredCache"]

@@ -5,10 +5,12 @@ The twin of tiercache.driver: the same calls, awaited.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
@@ -19,6 +21,36 @@ from ..commands import Call, Commands, LeaseResult, WriteResult, is_value_head, 
 from ..driver import _field
 from ..keys import KeySpace
 from ..protocol import Invalidation, parse_message
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _cancelling() -> int:
+    """How many cancellation requests the current task has pending (Python >= 3.11; else 0)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return int(cancelling()) if cancelling is not None else 0
+
+
+def cancellable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Raise CancelledError after ``fn`` if the task was cancelled while it ran.
+
+    redis.asyncio may finish a command that a cancellation interrupted and return its reply
+    (keeping the connection's protocol state whole), dropping the cancellation: the caller's
+    ``await cache.get(k)`` would then not end in CancelledError. The request is still counted
+    by ``Task.cancelling()``, so it is delivered here.
+    """
+
+    @functools.wraps(fn)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        before = _cancelling()
+        result = await fn(*args, **kwargs)
+        if _cancelling() > before:
+            raise asyncio.CancelledError
+        return result
+
+    return run
 
 
 def make_async_client(
@@ -45,12 +77,14 @@ class AsyncDriver:
         self.keys = keys
         self.commands = Commands(keys, log_maxlen)
 
+    @cancellable
     async def call(self, call: Call) -> Any:
         """One round trip."""
         if call.script is None:
             return call.parse(await self.client.execute_command(*call.args))
         return call.parse(await self._run(call.script, list(call.keys), list(call.args)))
 
+    @cancellable
     async def call_many(self, calls: list[Call]) -> list[Any]:
         """Several calls in one round trip; an error reply comes back as a value."""
         for attempt in range(2):
@@ -93,6 +127,7 @@ class AsyncDriver:
 
     # -- values -----------------------------------------------------------------------------
 
+    @cancellable
     async def get(self, name: bytes) -> bytes | None:
         """The raw value stored under the key ``name``."""
         return await self.client.get(name)
@@ -104,6 +139,7 @@ class AsyncDriver:
             raise raw
         return raw, reply
 
+    @cancellable
     async def mget(self, names: list[bytes]) -> list[bytes | None]:
         """The raw values of several keys in one round trip."""
         return await self.client.mget(names) if names else []
@@ -204,6 +240,7 @@ class AsyncDriver:
         await conn.connect()
         return conn
 
+    @cancellable
     async def server_time(self) -> tuple[int, int, int]:
         """(Redis TIME in µs, local ns before, local ns after)."""
         sent = time.time_ns()
@@ -236,6 +273,21 @@ class AsyncDriver:
             if isinstance(h, bytes) and is_value_head(h)
         ]
 
+    async def scan_values_of(
+        self, partitions: Iterable[int], count: int = 1000
+    ) -> AsyncIterator[bytes]:
+        """``scan_values`` of several partitions."""
+        for partition in partitions:
+            async for name in self.scan_values(partition, count):
+                yield name
+
+    async def unlink_partitions(
+        self, partitions: Iterable[int], prefix: bytes = b"", batch: int = 500
+    ) -> int:
+        """``unlink_partition`` of several partitions."""
+        return sum([await self.unlink_partition(p, prefix, batch) for p in partitions])
+
+    @cancellable
     async def unlink_partition(self, partition: int, prefix: bytes = b"", batch: int = 500) -> int:
         """Unlink the partition's entries (all, or those of keys starting with ``prefix``)."""
         keep = self.commands.kept_by_clear(partition)
