@@ -217,6 +217,8 @@ def test_aclose_leaves_no_task_thread_or_connection(url: str, redis_client: redi
         assert await c.get_or_load("sync", lambda k: time.sleep(0.2) or "s2") == "s"
         load = asyncio.ensure_future(c.get_or_load("k", slow))
         await until(lambda: len(c._flights) == 1, what="the load in flight")
+        # (holding its lease: a load cancelled inside the lease call leaves one to its TTL)
+        await until(lambda: is_lease(redis_client.get(raw_key("k", "shut"))), what="the lease")
         await c.aclose()
         with pytest.raises(CacheUnavailable, match="closed"):
             await load  # the load was cancelled by aclose(); its caller is told why

@@ -251,7 +251,7 @@ def _evict_slow_subscriber(
         with timeline.fault("slow-subscriber-evicted"):
             victim.stop_signal()
             try:
-                deadline = time.monotonic() + 10.0
+                deadline = time.monotonic() + 30.0  # (the writes crawl on a loaded machine)
                 while any(c["name"] == name for c in listener_clients(client, burst.namespace)):
                     for k in filler:
                         burst[k] = cycle

@@ -172,8 +172,10 @@ def test_prometheus_collector_exposes_the_same_counts(make: Factory, redis_clien
         if n == "tiercache_invalidation_lag_seconds_bucket" and ("process", "b") in ls
     )
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
-    assert sample(got, "tiercache_invalidation_lag_seconds_sum", process="b") > 0
-    assert sample(got, "tiercache_invalidation_lag_recent_seconds", process="b", quantile="0.5")
+    # (a sample may be 0: a lag below the clock calibration error is recorded as none)
+    assert sample(got, "tiercache_invalidation_lag_seconds_sum", process="b") >= 0
+    median = sample(got, "tiercache_invalidation_lag_recent_seconds", process="b", quantile="0.5")
+    assert median >= 0
     # A second scrape counts nothing twice.
     c["y"]
     again = scrape(registry)

@@ -163,7 +163,7 @@ def invalidations(draw: st.DrawFn) -> Invalidation:
 
 
 def _fmt(m: Invalidation) -> bytes:
-    return format_message(m.seq, m.version, m.origin, m.op, m.key, restart=m.restart)
+    return format_message(m.seq, m.version, m.origin, m.op, m.key, restart=m.restart, sig=m.sig)
 
 
 @SETTINGS

@@ -175,7 +175,7 @@ def test_a_cached_absence_expires_after_negative_ttl(
     def asked_again() -> bool:
         with pytest.raises(KeyError):
             c.get_or_load("k", loader)
-        return len(loader.calls) == 2
+        return len(loader.calls) >= 2  # (an early refresh may ask once more)
 
     wait_until(asked_again, 10, message="the origin asked again after negative_ttl")
     assert time.monotonic() - t0 >= 0.6 - 0.05, "the absence expired before negative_ttl"
