@@ -213,17 +213,11 @@ class Commands:
         """Give up our fill lease of ``encoded`` if it is still there."""
         return Call("release", (lease,), (self.keys.value(encoded),))
 
-    def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int, expected: int = 0) -> Call:
-        """Claim the refresh of ``encoded`` for ``ttl_ms`` (False: another process has it).
-
-        With ``expected``, only while the entry still holds that version (False once another
-        process refreshed or rewrote it).
-        """
-        marker = self.keys.refresh_marker(encoded)
-        if expected:
-            keys = (self.keys.value(encoded), marker)
-            return Call("mark_refresh", (expected, token, max(1, ttl_ms)), keys, _is_one)
-        return Call(None, ("SET", marker, token, "NX", "PX", max(1, ttl_ms)), parse=bool)
+    def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int, expected: int) -> Call:
+        """Claim the refresh of ``encoded`` for ``ttl_ms``, only while the entry still holds
+        version ``expected`` (False: another process has the claim, or refreshed it already)."""
+        keys = (self.keys.value(encoded), self.keys.refresh_marker(encoded))
+        return Call("mark_refresh", (expected, token, max(1, ttl_ms)), keys, _is_one)
 
     def refresh(
         self, encoded: bytes, expected: int, envelope: bytes, ttl_ms: int, token: bytes

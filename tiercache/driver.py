@@ -177,7 +177,7 @@ class SyncDriver:
         """Give up our fill lease of ``encoded`` if it is still there."""
         self.call(self.commands.release(encoded, lease))
 
-    def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int, expected: int = 0) -> bool:
+    def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int, expected: int) -> bool:
         """Claim the refresh of ``encoded`` (see Commands.mark_refresh)."""
         return self.call(self.commands.mark_refresh(encoded, token, ttl_ms, expected))
 

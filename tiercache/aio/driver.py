@@ -184,9 +184,7 @@ class AsyncDriver:
         """Give up our fill lease of ``encoded`` if it is still there."""
         await self.call(self.commands.release(encoded, lease))
 
-    async def mark_refresh(
-        self, encoded: bytes, token: bytes, ttl_ms: int, expected: int = 0
-    ) -> bool:
+    async def mark_refresh(self, encoded: bytes, token: bytes, ttl_ms: int, expected: int) -> bool:
         """Claim the refresh of ``encoded`` (see Commands.mark_refresh)."""
         return await self.call(self.commands.mark_refresh(encoded, token, ttl_ms, expected))
 
