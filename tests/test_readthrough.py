@@ -539,7 +539,8 @@ def counted(shared_redis: RedisServer, redis_client: redis.Redis) -> Iterator[An
         socket_timeout=2.0,
     )
     client = redis.Redis(connection_pool=pool)
-    cache = TieredCache(client, health_timeout=5.0, negative_ttl=20.0)
+    # (no heartbeat: its worker thread would start after the ``make`` fixture's thread baseline)
+    cache = TieredCache(client, health_timeout=5.0, negative_ttl=20.0, heartbeat_interval=0)
     try:
         assert cache.wait_ready(10)
         yield cache, sends
