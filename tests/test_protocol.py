@@ -1,7 +1,7 @@
 """The coherence protocol's decisions (tiercache.protocol), with no I/O at all.
 
 VersionClock (versions strictly increasing, calibrated on Redis time), the invalidation message
-format, SequenceTracker verdicts, replay_plan and FillGuard.
+format, SequenceTracker verdicts, replay_plan, FillGuard and OwnWrites.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tiercache.protocol import (
     OPS,
     FillGuard,
     Invalidation,
+    OwnWrites,
     SequenceTracker,
     Verdict,
     VersionClock,
@@ -573,3 +574,73 @@ def test_guard_never_admits_a_version_below_one_invalidated_after_the_ticket(
         assert not admitted
     if not events:
         assert admitted
+
+
+# -- OwnWrites ------------------------------------------------------------------------------------
+
+
+def test_an_echo_heard_before_the_reply_passes_and_proves_the_write_landed() -> None:
+    own = OwnWrites()
+    own.begin(10)
+    assert own.heard(10)  # the listener lets it pass
+    assert own.end(10, applied=False)  # the reply was lost, but the echo proves it landed
+    assert len(own) == 0
+
+
+def test_an_echo_heard_after_the_reply_passes_and_is_then_forgotten() -> None:
+    own = OwnWrites()
+    own.begin(10)
+    assert not own.end(10, applied=True)
+    assert len(own) == 1  # waiting for its echo
+    assert own.heard(10)
+    assert len(own) == 0
+    assert not own.heard(10)  # a second copy (a replay) is applied in full
+
+
+def test_versions_not_written_here_or_ended_unapplied_are_applied_in_full() -> None:
+    own = OwnWrites()
+    assert not own.heard(7)
+    own.begin(8)
+    assert not own.end(8, applied=False)  # rejected or unknown: no echo may be skipped
+    assert not own.heard(8)
+    own.begin(9)
+    own.discard(9)  # applied in full from the log
+    assert not own.heard(9)
+
+
+def test_own_writes_stay_bounded_when_echoes_never_come() -> None:
+    own = OwnWrites(max_pending=100)
+    for v in range(1, 1001):
+        own.begin(v)
+        own.end(v, applied=True)
+    assert len(own) == 100
+    assert not own.heard(1)  # pushed out: applied in full, which is only slower
+    assert own.heard(1000)
+
+
+@given(st.lists(st.tuples(st.sampled_from("bhe"), st.integers(1, 5), st.booleans()), max_size=60))
+@SETTINGS
+def test_own_writes_against_a_model(steps: list[tuple[str, int, bool]]) -> None:
+    """begin/heard/end in any order: an echo passes only while its write is registered, and
+    end reports the echo exactly when it came between begin and end."""
+    own = OwnWrites()
+    model: dict[int, str] = {}
+    for op, v, applied in steps:
+        if op == "b":
+            own.begin(v)
+            model[v] = "pending"
+        elif op == "h":
+            state = model.get(v)
+            assert own.heard(v) == (state is not None)
+            if state == "done":
+                del model[v]
+            elif state is not None:
+                model[v] = "heard"
+        else:
+            state = model.get(v)
+            assert own.end(v, applied) == (state == "heard")
+            if state == "heard" or not applied:
+                model.pop(v, None)
+            elif state is not None:
+                model[v] = "done"
+        assert len(own) == len(model)

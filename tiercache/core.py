@@ -444,16 +444,23 @@ class CacheCore(TagCore):
         return env.with_version(self._clock.next(after=after))
 
     def _write_unknown(
-        self, key: Hashable, slot: _Slot, env: Envelope, err: Exception, behind: bool = False
+        self,
+        key: Hashable,
+        slot: _Slot,
+        env: Envelope,
+        err: Exception,
+        behind: bool = False,
+        landed: bool = False,
     ) -> None:
         """A write's outcome is unknown (Redis may apply it later): distrust the key here.
 
         No local copy of it may be trusted, and a fill that read the old value must not install
         it. Returns (None: swallowed) when ``on_write_error="invalidate_local"``, else raises
         CacheUnavailable from ``err`` (always for a write-behind write: its queueing failed).
+        ``landed``: its echo was heard, so Redis holds it (the caller still gets the error).
         """
         with self._guard.lock:
-            self._guard.observe(slot.guard, env.version, applied=False)
+            self._guard.observe(slot.guard, env.version, applied=landed)
             slot.l1.pop(slot.key, None)
         self._counters.add("write_errors")
         if self._on_write_error == "invalidate_local" and not behind:
@@ -462,9 +469,14 @@ class CacheCore(TagCore):
         raise CacheUnavailable(f"Redis write of {key!r} failed: {err}") from err
 
     def _write_done(self, slot: _Slot, result: WriteResult) -> None:
-        """A write applied at ``result.version``: older fills of the key may not install."""
+        """A write applied at ``result.version``: older fills of the key may not install, and
+        an older copy a concurrent fill installed since the write began goes (what applying
+        the write's echo would do: the listener lets the echo pass, see OwnWrites)."""
         with self._guard.lock:
             self._guard.observe(slot.guard, result.version)
+            e = slot.l1.entry(slot.key)
+            if e is not None and e.version < result.version:
+                slot.l1.pop(slot.key, None)
 
     def _write_args(self, encoded: bytes, op: str, env: Envelope) -> dict[str, Any]:
         """The write script's arguments for ``env`` (commands.Commands.write)."""
@@ -576,9 +588,23 @@ class CacheCore(TagCore):
         self._set_usable(False)
         self._warn(f"local tier off: {reason}")
 
+    def own_echo(self, msg: Invalidation) -> bool:
+        """Whether ``msg`` is the echo of a write of ours that needs no applying (counted as
+        received, as ``apply`` would); an ``on_invalidate`` hook sees every message applied."""
+        if (
+            msg.origin != self._origin
+            or self._on_invalidate is not None
+            or not self._own.heard(msg.version)
+        ):
+            return False
+        self._counters.add("invalidations_received")
+        return True
+
     def apply(self, msg: Invalidation) -> None:
         """Apply one invalidation from another process (or this one's own echo)."""
         self._counters.add("invalidations_received")
+        if msg.origin == self._origin:
+            self._own.discard(msg.version)
         now_us = self._clock.now_us()
         plausible = msg.version <= now_us + _MAX_CLOCK_LEAD_US
         if msg.origin != self._origin and msg.version <= now_us + _FLOOR_LEAD_US:

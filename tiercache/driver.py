@@ -28,6 +28,7 @@ from .commands import (
     load_script_source,
 )
 from .keys import KeySpace
+from .lane import lane_for
 from .protocol import Invalidation, parse_message
 
 __all__ = [
@@ -59,19 +60,25 @@ def make_client(
 class SyncDriver:
     """Runs the cache's commands and Lua scripts on one redis-py client."""
 
+    use_lane = True  # single commands on a held connection (tiercache.lane) when the client allows
+
     def __init__(self, client: redis.Redis, keys: KeySpace, *, log_maxlen: int = 10_000) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("the Redis client must not decode responses (decode_responses=False)")
         self.client = client
         self.keys = keys
         self.commands = Commands(keys, log_maxlen)
+        lane = lane_for(client) if self.use_lane else None
+        # Single commands: on the lane when there is one (tiercache.lane), else the client.
+        self._execute = lane.execute if lane is not None else client.execute_command
+        self._lane = lane
 
     # -- running calls ----------------------------------------------------------------------
 
     def call(self, call: Call) -> Any:
         """One round trip."""
         if call.script is None:
-            return call.parse(self.client.execute_command(*call.args))
+            return call.parse(self._execute(*call.args))
         return call.parse(self._run(call.script, list(call.keys), list(call.args)))
 
     def call_many(self, calls: list[Call]) -> list[Any]:
@@ -99,10 +106,10 @@ class SyncDriver:
         """EVALSHA ``lua/<name>.lua``, loading it first if Redis does not know it (a restart)."""
         sha = self._sha(name)
         try:
-            return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            return self._execute("EVALSHA", sha, len(keys), *keys, *args)
         except NoScriptError:
             self.client.script_load(self._source(name))
-            return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            return self._execute("EVALSHA", sha, len(keys), *keys, *args)
 
     def _run_many(self, name: str, calls: list[tuple[list[bytes], list[Any]]]) -> list[Any]:
         """Several runs of one script in one round trip; errors are returned, not raised."""
@@ -124,7 +131,7 @@ class SyncDriver:
 
     def get(self, name: bytes) -> bytes | None:
         """The raw value stored under the key ``name``."""
-        return self.client.get(name)
+        return self._execute("GET", name)
 
     def get_and(self, name: bytes, command: tuple[Any, ...]) -> tuple[bytes | None, Any]:
         """GET ``name`` and run ``command`` in the same round trip; (value, command's reply).
@@ -245,7 +252,9 @@ class SyncDriver:
         return conn
 
     def close(self) -> None:
-        """Nothing of its own to close (the client belongs to whoever made it)."""
+        """Give back the lane's connection (the client belongs to whoever made it)."""
+        if self._lane is not None:
+            self._lane.close()
 
     def server_time(self) -> tuple[int, int, int]:
         """(Redis TIME in µs, local ns before, local ns after), to calibrate the version clock."""

@@ -21,6 +21,7 @@ import redis
 
 from .driver import SyncDriver
 from .protocol import Invalidation, SequenceTracker, Verdict, parse_message, replay_plan
+from .wire import ConnectionWire, SocketWire, open_wire
 
 log = logging.getLogger("tiercache.listener")
 
@@ -36,6 +37,9 @@ class ListenerHandler(Protocol):
 
     def apply(self, msg: Invalidation) -> None:
         """Apply one invalidation (in sequence order)."""
+
+    def own_echo(self, msg: Invalidation) -> bool:
+        """Whether ``msg`` (next in sequence) is an echo of this process' write to let pass."""
 
     def flush(self, reason: str) -> None:
         """Messages were lost beyond what the log holds: forget the whole local tier."""
@@ -143,8 +147,9 @@ class Listener:
     def _session(self) -> None:
         """One connection's life: subscribe, catch up, then pump messages until trouble."""
         conn = self._conn = self._driver.listener_connection(self._name)
-        conn.send_command("SUBSCRIBE", *self._channels)
-        self._await_subscriptions(conn)
+        wire = open_wire(conn)
+        wire.send("SUBSCRIBE", *self._channels)
+        self._await_subscriptions(wire)
         if self._stop.is_set():
             return
         for partition in self._trackers:
@@ -152,33 +157,30 @@ class Listener:
         self._set_healthy()
         self._pumping = True
         try:
-            self._pump(conn)
+            self._pump(wire)
         finally:
             self._pumping = False
 
-    def _await_subscriptions(self, conn: Any) -> None:
+    def _await_subscriptions(self, wire: SocketWire | ConnectionWire) -> None:
         pending = set(self._channels)
         deadline = time.monotonic() + self._subscribe_timeout
         while pending and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise redis.TimeoutError("no subscription acknowledgement in time")
-            if not conn.can_read(timeout=min(left, 0.1)):
-                continue
-            reply = conn.read_response()
-            if reply[0] == b"subscribe":
-                pending.discard(reply[1])
-            elif reply[0] == b"message":  # possible before the last ack (redis#13645)
-                self._on_message(reply[1], reply[2])
+            for reply in wire.read(min(left, 0.1)):
+                if reply[0] == b"subscribe":
+                    pending.discard(reply[1])
+                elif reply[0] == b"message":  # possible before the last ack (redis#13645)
+                    self._on_message(reply[1], reply[2])
 
-    def _pump(self, conn: Any) -> None:
+    def _pump(self, wire: SocketWire | ConnectionWire) -> None:
         last_ping = time.monotonic()
         pong_due: float | None = None
         while not self._stop.is_set():
             now = time.monotonic()
             wait = (pong_due if pong_due is not None else last_ping + self._health_interval) - now
-            if conn.can_read(timeout=max(0.0, min(wait, 0.1))):
-                reply = conn.read_response()
+            for reply in wire.read(min(wait, 0.1)):
                 kind = reply[0]
                 if kind == b"message":
                     self._on_message(reply[1], reply[2])
@@ -188,7 +190,7 @@ class Listener:
             if pong_due is not None and now > pong_due:
                 raise HealthCheckFailed(f"no PONG within {self._health_timeout}s")
             if pong_due is None and now - last_ping >= self._health_interval:
-                conn.send_command("PING")
+                wire.send("PING")
                 last_ping = now
                 pong_due = now + self._health_timeout
                 self._tick()
@@ -204,6 +206,8 @@ class Listener:
             self.malformed += 1
             return
         verdict = self._trackers[partition].classify(inv)
+        if verdict is Verdict.APPLY and self._handler.own_echo(inv):
+            return
         if verdict is not Verdict.GAP:
             # A STALE number is applied too: dropping a copy is idempotent and costs a miss at
             # most, while ignoring it would lose a genuine message whose number a forged one took.

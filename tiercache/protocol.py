@@ -136,7 +136,9 @@ def parse_message(data: bytes) -> Invalidation:
         raise ValueError("malformed invalidation message")
     try:
         seq, version = int(fields[1]), int(fields[3])
-        origin, op, sig = (f.decode("ascii") for f in fields[4:7])
+        origin = fields[4].decode("ascii")
+        op = fields[5].decode("ascii")
+        sig = fields[6].decode("ascii")
     except (UnicodeDecodeError, ValueError) as err:
         raise ValueError("malformed invalidation message") from err
     if not origin or not sig:  # the write script always fills both ("-": no signature)
@@ -277,6 +279,65 @@ class FillGuard:
 
     def __len__(self) -> int:
         return len(self._newest)
+
+
+class OwnWrites:
+    """This process' writes whose echo on the channel needs no applying.
+
+    The writer registers a write's version before sending it (``begin``). The listener, hearing
+    the next message of its partition from this origin with that version, only takes its
+    sequence number (``heard``): the writer's handling of the reply does what applying the echo
+    would (observe the version, drop older local copies), and the writing thread does not wait
+    for the listener's work on the GIL. ``end`` closes the write and tells a writer whose reply
+    never came whether the echo proved the write landed. Bounded: a version pushed out of the
+    map, or ended unapplied, is applied in full when its echo comes (harmless, only slower).
+    """
+
+    _PENDING, _DONE, _HEARD = 0, 1, 2
+
+    def __init__(self, max_pending: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._state: dict[int, int] = {}
+        self._max = max_pending
+
+    def begin(self, version: int) -> None:
+        """A write at ``version`` is about to be sent."""
+        with self._lock:
+            state = self._state
+            state[version] = self._PENDING
+            if len(state) > self._max:
+                del state[next(iter(state))]
+
+    def heard(self, version: int) -> bool:
+        """The echo of ``version`` arrived: whether it is an own write that needs no applying."""
+        with self._lock:
+            s = self._state.get(version)
+            if s is None:
+                return False
+            if s == self._DONE:
+                del self._state[version]
+            else:
+                self._state[version] = self._HEARD
+            return True
+
+    def end(self, version: int, applied: bool) -> bool:
+        """The write at ``version`` is over (``applied``: its reply said so); whether its echo
+        was heard, which proves it landed."""
+        with self._lock:
+            s = self._state.get(version)
+            if s == self._HEARD or not applied:
+                self._state.pop(version, None)
+            elif s is not None:
+                self._state[version] = self._DONE  # the listener drops it on the echo
+            return s == self._HEARD
+
+    def discard(self, version: int) -> None:
+        """Forget ``version`` (its echo was applied in full, e.g. replayed from the log)."""
+        with self._lock:
+            self._state.pop(version, None)
+
+    def __len__(self) -> int:
+        return len(self._state)
 
 
 def xfetch_due(now: float, fresh_until: float, delta: float, beta: float, u: float) -> bool:

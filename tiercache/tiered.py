@@ -71,6 +71,7 @@ from .protocol import (
     OP_DELETE,
     OP_SET,
     FillGuard,
+    OwnWrites,
 )
 from .signing import Secret
 from .stampede import Refresher, SingleFlight
@@ -256,6 +257,7 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
     def _fresh_local_tier(self) -> None:
         self._l1 = LocalCache(self._local_maxsize, on_evict=self._l1_on_evict, **self._l1_args)
         self._guard = FillGuard()
+        self._own = OwnWrites()  # own writes in flight (their echo passes the listener)
         self._tags = TagState()  # the tag versions known here, the local copies' tags
         self._front_init(self._l1)
 
@@ -830,17 +832,22 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
         """
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
         ext = self._ext_of(env, encoded)
+        own = self._own
         try:
             for attempt in range(self._write_attempts(ext)):
+                own.begin(env.version)
                 result = self._driver.call(self._write_call(encoded, op, env, ext, behind))
                 if result.applied:
                     break
+                own.end(env.version, applied=False)
                 env = self._write_retry(result, env, ext, attempt)
             else:
                 raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
         except redis_lib.RedisError as err:
-            self._write_unknown(key, slot, env, err, behind)
+            landed = own.end(env.version, applied=False)  # its echo came: it landed
+            self._write_unknown(key, slot, env, err, behind, landed=landed)
             return None
+        own.end(env.version, applied=True)
         self._write_done(slot, result)
         return result
 

@@ -54,7 +54,7 @@ from ..envelope import HEADER_SIZE, Envelope
 from ..errors import CacheUnavailable
 from ..keys import MAX_KEY_BYTES, decode_key, encode_key
 from ..local import LocalCache, TieredFront
-from ..protocol import OP_CLEAR, OP_CLEAR_PREFIX, OP_DELETE, OP_SET, FillGuard
+from ..protocol import OP_CLEAR, OP_CLEAR_PREFIX, OP_DELETE, OP_SET, FillGuard, OwnWrites
 from ..signing import Secret
 from ..tags import TagsArg, TagState, TtlArg
 from .driver import AsyncDriver, make_async_client
@@ -229,6 +229,7 @@ class AsyncTieredCache(AsyncTaggingMixin, TieredFront, CacheCore):  # type: igno
     def _fresh_local_tier(self) -> None:
         self._l1 = LocalCache(self._local_maxsize, on_evict=self._l1_on_evict, **self._l1_args)
         self._guard = FillGuard()
+        self._own = OwnWrites()  # own writes in flight (their echo passes the listener)
         self._tags = TagState()  # the tag versions known here, the local copies' tags
         self._front_init(self._l1)
 

@@ -1,0 +1,102 @@
+"""A fast lane for single commands: one connection held from a redis-py pool, used directly.
+
+redis-py 8's ``execute_command`` spends more time per call than a loopback round trip (the pool's
+checkout and release, observability records, argument filtering: ~60 µs measured on a 2-core
+host against ~45 µs for the round trip itself). The cache's hot calls (the GET of an L2 hit, the
+write script) go through one connection that the lane keeps checked out of the client's pool,
+with the client's own ``Retry``, timeouts, AUTH and TLS (they live on the connection), so errors,
+retries and reconnects behave as with ``execute_command``. A caller that finds the lane busy
+(another thread is on it) takes the ordinary client path: the lane never makes anyone wait.
+
+Only for a plain ``redis.Redis`` on a pool of its own connections; Cluster and Sentinel clients,
+a single-connection client and a client-side caching pool keep the ordinary path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+import redis
+
+__all__ = ["Lane", "lane_for"]
+
+
+class Lane:
+    """Runs one command at a time on a connection it keeps out of ``client``'s pool."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._pool = client.connection_pool
+        self._callbacks = client.response_callbacks
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._closed = False
+        _LANES.add(self)
+
+    def execute(self, *args: Any) -> Any:
+        """``client.execute_command(*args)``, on the lane when it is free."""
+        if not self._lock.acquire(blocking=False):
+            return self._client.execute_command(*args)
+        try:
+            conn = self._conn
+            if conn is None:
+                if self._closed:
+                    return self._client.execute_command(*args)
+                conn = self._conn = self._pool.get_connection()
+            reply = conn.retry.call_with_retry(
+                lambda: _round_trip(conn, args), lambda _err: conn.disconnect()
+            )
+        finally:
+            self._lock.release()
+        callback = self._callbacks.get(args[0])
+        return reply if callback is None else callback(reply)
+
+    def close(self) -> None:
+        """Give the connection back to the pool (later calls take the ordinary path)."""
+        with self._lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool.release(conn)
+
+    def _after_fork(self) -> None:
+        # The parent's socket is not ours to use: the child checks out its own connection
+        # (redis-py's pool resets itself in the child the same way).
+        self._lock = threading.Lock()
+        self._conn = None
+
+
+def _round_trip(conn: Any, args: tuple[Any, ...]) -> Any:
+    conn.send_command(*args)
+    return conn.read_response()
+
+
+def lane_for(client: Any) -> Lane | None:
+    """A lane for ``client``, or None when it must keep redis-py's ordinary path."""
+    if type(client) is not redis.Redis:
+        return None
+    pool = client.connection_pool
+    if (
+        getattr(client, "connection", None) is not None  # a single-connection client
+        or getattr(pool, "cache", None) is not None
+        or not isinstance(pool, redis.ConnectionPool)
+        or type(pool).__module__ != redis.ConnectionPool.__module__
+    ):
+        return None
+    return Lane(client)
+
+
+# Lanes alive in this process, to drop their connections in a forked child.
+_LANES: weakref.WeakSet[Lane] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for lane in list(_LANES):
+        lane._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
