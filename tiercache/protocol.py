@@ -297,7 +297,7 @@ class OwnWrites:
 
     def __init__(self, max_pending: int = 4096) -> None:
         self._lock = threading.Lock()
-        self._state: dict[int, int] = {}
+        self._state: OrderedDict[int, int] = OrderedDict()  # oldest first, popped in O(1)
         self._max = max_pending
 
     def begin(self, version: int) -> None:
@@ -306,7 +306,7 @@ class OwnWrites:
             state = self._state
             state[version] = self._PENDING
             if len(state) > self._max:
-                del state[next(iter(state))]
+                state.popitem(last=False)
 
     def heard(self, version: int) -> bool:
         """The echo of ``version`` arrived: whether it is an own write that needs no applying."""
