@@ -58,12 +58,19 @@ cdef extern from "Python.h":
     ctypedef int (*visitproc)(PyObject* o, void* arg) noexcept
     ctypedef int (*traverseproc)(PyObject* o, visitproc visit, void* arg) noexcept
     ctypedef int (*inquiry)(PyObject* o) noexcept
-    # CallFront's call slot, set by install_fast_call (at the end of this file).
+    # CallFront's call slots, set by install_fast_call (at the end of this file).
     ctypedef PyObject* (*ternaryfunc)(PyObject*, PyObject*, PyObject*)
+    ctypedef PyObject* (*vectorcallfunc)(
+        PyObject* callable, PyObject* const* args, size_t nargsf, PyObject* kwnames
+    )
     ctypedef struct TypeSlots "PyTypeObject":
         traverseproc tp_traverse
         inquiry tp_clear
         ternaryfunc tp_call
+        Py_ssize_t tp_vectorcall_offset
+        unsigned long tp_flags
+    unsigned long Py_TPFLAGS_HAVE_VECTORCALL
+    Py_ssize_t PyVectorcall_NARGS(size_t nargsf)
     void PyType_Modified(TypeSlots* t)
     Py_ssize_t PyDict_GET_SIZE(PyObject* mp)
     Py_ssize_t PyTuple_GET_SIZE(object op)
@@ -1886,14 +1893,19 @@ cdef class TieredFront:
 cdef class CallFront:
     """The local-hit path of a cached function: ``f(x)`` for one str or int ``x``, in C.
 
-    The call slot is set by hand (below) so a call without keywords builds no keyword dict;
-    everything else (other arguments, a miss, a local tier that may not serve) goes to the
-    subclass's ``_call(args, kwargs)``.
+    The call slots are set by hand (below): a call is answered through vectorcall, so a call
+    without keywords builds neither an argument tuple nor a keyword dict; everything else
+    (other arguments, a miss, a local tier that may not serve) goes to the subclass's
+    ``_call(args, kwargs)``.
     """
 
+    cdef vectorcallfunc _vectorcall  # the per-instance entry point vectorcall reads
     cdef LocalCache _l1
     cdef TieredFront _cache
     cdef bint _fast  # single-argument calls may use the argument itself as the local key
+
+    def __cinit__(self, *args, **kwargs):
+        self._vectorcall = <vectorcallfunc>_call_front_vectorcall
 
     def _call_front_init(self, LocalCache l1, TieredFront cache, bint fast):
         """Serve hits from ``l1`` while ``cache`` may serve local copies."""
@@ -1907,60 +1919,98 @@ cdef class CallFront:
         return self._l1
 
     def __call__(self, *args, **kwargs):
-        # Only reached where the fast slot below is not installed; same behaviour, slower.
+        # Only reached where the fast slots below are not installed; same behaviour, slower.
         return <object>_call_front_call(<PyObject*>self, <PyObject*>args, <PyObject*>kwargs)
 
 
-cdef PyObject* _call_front_call(PyObject* self, PyObject* args, PyObject* kwargs) except NULL:
-    cdef CallFront front = <CallFront>self
+cdef inline PyObject* _front_hit(CallFront front, PyObject* arg):
+    """The value of a fresh local copy for the single argument ``arg``, borrowed; NULL if none.
+
+    As TieredFront.__getitem__: a borrowed entry, and no Python code until the return (the
+    hash of a str or an int runs none).
+    """
     cdef LocalCache l1 = front._l1
-    cdef PyObject* arg
     cdef PyObject* p
-    cdef object value
-    if (
+    if not (
         front._fast
-        and (kwargs == NULL or PyDict_GET_SIZE(kwargs) == 0)
-        and PyTuple_GET_SIZE(<object>args) == 1
         and front._cache is not None
         and front._cache._usable
         and l1._timer is None
+        and (type(<object>arg) is str or type(<object>arg) is int)
     ):
-        arg = PyTuple_GET_ITEM(<object>args, 0)
-        if type(<object>arg) is str or type(<object>arg) is int:
-            # As TieredFront.__getitem__: a borrowed entry, and no Python code until the return
-            # (the hash of a str or an int runs none).
-            p = table_lookup(&l1._table, arg, key_hash(<object>arg))
-            if (
-                p != NULL
-                and (<Entry>p).fresh_until > tc_monotonic()
-                and (<Entry>p).value is not MISSING
-            ):
-                if (<Entry>p).link.prev != NULL:
-                    if l1._lru is not None:
-                        ring_move_front(&l1._lru.ring, &(<Entry>p).link)
-                    else:
-                        l1._policy.touch(<Entry>p)
-                l1._hits += 1
-                value = (<Entry>p).value
-                Py_INCREF(value)
-                return <PyObject*>value
-    value = (<object>self)._call(<object>args, <object>kwargs if kwargs != NULL else None)
-    Py_INCREF(value)
-    return <PyObject*>value
+        return NULL
+    p = table_lookup(&l1._table, arg, key_hash(<object>arg))
+    if p == NULL or (<Entry>p).fresh_until <= tc_monotonic() or (<Entry>p).value is MISSING:
+        return NULL
+    if (<Entry>p).link.prev != NULL:
+        if l1._lru is not None:
+            ring_move_front(&l1._lru.ring, &(<Entry>p).link)
+        else:
+            l1._policy.touch(<Entry>p)
+    l1._hits += 1
+    return <PyObject*>(<Entry>p).value
+
+
+cdef PyObject* _call_front_call(PyObject* self, PyObject* args, PyObject* kwargs) except NULL:
+    cdef PyObject* value
+    cdef object result
+    if (kwargs == NULL or PyDict_GET_SIZE(kwargs) == 0) and PyTuple_GET_SIZE(<object>args) == 1:
+        value = _front_hit(<CallFront>self, PyTuple_GET_ITEM(<object>args, 0))
+        if value != NULL:
+            incref(value)
+            return value
+    result = (<object>self)._call(<object>args, <object>kwargs if kwargs != NULL else None)
+    Py_INCREF(result)
+    return <PyObject*>result
+
+
+cdef PyObject* _call_front_vectorcall(
+    PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames
+) except NULL:
+    cdef Py_ssize_t n = PyVectorcall_NARGS(nargsf)
+    cdef Py_ssize_t i
+    cdef PyObject* value
+    cdef object result
+    cdef dict kwargs = None
+    if n == 1 and kwnames == NULL:
+        value = _front_hit(<CallFront>self, args[0])
+        if value != NULL:
+            incref(value)
+            return value
+    positional = tuple([<object>args[i] for i in range(n)])
+    if kwnames != NULL and PyTuple_GET_SIZE(<object>kwnames):
+        kwargs = {}
+        for i in range(PyTuple_GET_SIZE(<object>kwnames)):
+            kwargs[<object>PyTuple_GET_ITEM(<object>kwnames, i)] = <object>args[n + i]
+    result = (<object>self)._call(positional, kwargs)
+    Py_INCREF(result)
+    return <PyObject*>result
+
+
+cdef Py_ssize_t _vectorcall_offset() except -1:
+    cdef CallFront probe = CallFront.__new__(CallFront)
+    return <Py_ssize_t>(<char*>&probe._vectorcall - <char*><PyObject*>probe)
+
+
+cdef Py_ssize_t VECTORCALL_OFFSET = _vectorcall_offset()
 
 
 def install_fast_call(type cls):
-    """Answer calls of ``cls`` (a CallFront subclass) through the C call slot directly.
+    """Answer calls of ``cls`` (a CallFront subclass) through the C call slots directly.
 
-    tp_call receives the positional tuple and NULL when there are no keywords, where a
-    ``def __call__(self, *args, **kwargs)`` builds a dict on every call (about 20% of a
-    functools.lru_cache hit). A Python subclass gets its call slot from ``__call__`` when it is
-    created, so each one installs the fast slot again.
+    vectorcall hands the arguments over as they lie on the caller's stack, and tp_call gets
+    NULL when there are no keywords, where a ``def __call__(self, *args, **kwargs)`` builds a
+    tuple and a dict on every call (together about a third of a functools.lru_cache hit). A
+    Python subclass gets its call slot from ``__call__`` when it is created, and does not
+    inherit vectorcall, so each one installs the fast slots again.
     """
     if not issubclass(cls, CallFront):
         raise TypeError("install_fast_call() takes a CallFront subclass")
-    (<TypeSlots*><PyObject*>cls).tp_call = <ternaryfunc>_call_front_call
-    PyType_Modified(<TypeSlots*><PyObject*>cls)
+    cdef TypeSlots* slots = <TypeSlots*><PyObject*>cls
+    slots.tp_call = <ternaryfunc>_call_front_call
+    slots.tp_vectorcall_offset = VECTORCALL_OFFSET
+    slots.tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL
+    PyType_Modified(slots)
     return cls
 
 

@@ -422,6 +422,44 @@ def test_the_c_path_is_the_implementation_asked_for() -> None:
         assert not tiercache.EXTENSIONS and CallFront.__module__ == "tiercache._local_py"
 
 
+def test_every_call_shape_answers_alike_through_each_call_slot(make: Factory) -> None:
+    """vectorcall (how Python calls it), tp_call (``type(f).__call__``), a bound method and
+    ``functools.partial`` hand the arguments over differently: the answers and counts agree."""
+    c = make()
+    body = Counted()
+
+    @tiered_cache(c, name="shapes")
+    def f(*args: Any, **kwargs: Any) -> str:
+        return body(*args, **kwargs)
+
+    shapes: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((), {}),
+        (("a",), {}),
+        ((7,), {}),
+        (("a", 2), {}),
+        (("a",), {"k": 1}),
+        ((), {"k": 1, "j": "x"}),
+    ]
+    first = [f(*a, **kw) for a, kw in shapes]
+    assert len(body.calls) == len(shapes) and len(set(first)) == len(shapes)
+    slot = type(f).__call__
+    assert [slot(f, *a, **kw) for a, kw in shapes] == first  # tp_call
+    assert [functools.partial(f, *a)(**kw) for a, kw in shapes] == first
+    assert f(*["a"]) == f(*("a",), **{}) == first[1]
+    assert len(body.calls) == len(shapes)  # every one of those was a hit
+    info = f.cache_info()
+    assert info.misses == len(shapes) and info.hits == 2 * len(shapes) + 2
+
+    class Holder:
+        @tiered_cache(c, name="shapes-method", key=lambda self, x: x)
+        def m(self, x: Any) -> str:
+            return body(x)
+
+    h = Holder()
+    assert h.m("a") == h.m("a") == Holder.m(h, "a")  # the bound call passes self in front
+    assert len(body.calls) == len(shapes) + 1
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_cache_info_counts_a_raising_call_as_a_miss_as_functools_does(
     make: Factory, kind: str

@@ -217,6 +217,8 @@ def test_stale_if_error_serves_a_recent_local_copy_when_the_loader_fails(
     assert c.get_or_load("k", Counter("v1")) == "v1"
     assert strict.get_or_load("k", Counter("unused")) == "v1"
     wait_until(lambda: redis_client.get(raw_key("k")) is None, 5, message="k expiring in Redis")
+    # (Redis' clock and the local tier's may disagree by a few ms: wait for both.)
+    wait_until(lambda: not _fresh_here(strict, "k"), 5, message="strict's copy going stale")
     clock.now += 1.0  # the local copy is no longer fresh, 1 s old: within stale_if_error
     failing = Counter(ConnectionError("origin down"))
     assert c.get_or_load("k", failing) == "v1"
@@ -233,6 +235,11 @@ def test_stale_if_error_serves_a_recent_local_copy_when_the_loader_fails(
     # The loader recovers: a fresh value, stored again.
     assert c.get_or_load("k", Counter("v2")) == "v2"
     assert unpack(redis_client.get(raw_key("k"))).is_value
+
+
+def _fresh_here(cache: Any, key: str) -> bool:
+    e = cache.local.entry(key)
+    return e is not None and e.fresh_until > cache.local.timer()
 
 
 # -- stale-while-revalidate ------------------------------------------------------------------------

@@ -700,7 +700,10 @@ class CacheCore(TagCore):
         """The local home of a key (``key`` may be None when only the encoding is known)."""
         sub = self._subtier_of(encoded)
         if sub is not None:
-            return _Slot(sub.local, sub.local_key_of(decode_key(encoded)), encoded)  # type: ignore[arg-type]
+            # The caller's own key when there is one: a cached function's local tier then holds
+            # its argument objects, which its callers' next calls match by identity.
+            call = key if key is not None else decode_key(encoded)
+            return _Slot(sub.local, sub.local_key_of(call), encoded)  # type: ignore[arg-type]
         lkey = local_key(key, encoded) if key is not None else local_key_of(encoded)
         return _Slot(self._l1, lkey, lkey)
 
