@@ -8,6 +8,7 @@ forked child, and no local copy older than a write left behind when its echo is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -31,6 +32,19 @@ def _client(server: RedisServer, **kw: Any) -> redis.Redis:
     return redis.Redis(host=server.host, port=server.port, **kw)
 
 
+@contextlib.contextmanager
+def opened_lane(server: RedisServer, **kw: Any) -> Iterator[tuple[Lane, redis.Redis]]:
+    """A lane on a new client of ``server`` (``kw``: client settings); both closed after."""
+    client = _client(server, **kw)
+    made = lane_for(client)
+    assert made is not None
+    try:
+        yield made, client
+    finally:
+        made.close()
+        client.close()
+
+
 def _client_id_of(client: redis.Redis, name: str) -> int:
     for c in client.client_list():
         if c.get("name") == name:
@@ -43,14 +57,8 @@ def _client_id_of(client: redis.Redis, name: str) -> int:
 
 @pytest.fixture
 def lane(shared_redis: RedisServer, redis_client: redis.Redis) -> Iterator[tuple[Lane, Any]]:
-    client = _client(shared_redis, client_name="lane-test")
-    made = lane_for(client)
-    assert made is not None
-    try:
-        yield made, client
-    finally:
-        made.close()
-        client.close()
+    with opened_lane(shared_redis, client_name="lane-test") as made:
+        yield made
 
 
 def test_the_lane_answers_as_execute_command_does(lane: tuple[Lane, Any]) -> None:
@@ -93,30 +101,18 @@ def test_a_busy_lane_sends_callers_to_the_pool_instead_of_waiting(lane: tuple[La
 def test_the_lane_reconnects_after_its_connection_is_killed(
     shared_redis: RedisServer, redis_client: redis.Redis
 ) -> None:
-    client = _client(shared_redis, client_name="lane-kill")
-    ln = lane_for(client)
-    assert ln is not None
-    try:
+    with opened_lane(shared_redis, client_name="lane-kill") as (ln, _):
         ln.execute("SET", b"k", b"v")
         redis_client.client_kill_filter(_id=_client_id_of(redis_client, "lane-kill"))
         assert ln.execute("GET", b"k") == b"v"  # the client's Retry reconnected it
-    finally:
-        ln.close()
-        client.close()
 
 
 def test_the_lane_survives_a_restart_with_an_empty_dataset(redis_server: RedisServer) -> None:
-    client = _client(redis_server)
-    ln = lane_for(client)
-    assert ln is not None
-    try:
+    with opened_lane(redis_server) as (ln, _):
         ln.execute("SET", b"k", b"v")
         redis_server.restart()
         wait_until(lambda: _answers(ln), DEADLINE)
         assert ln.execute("GET", b"k") is None
-    finally:
-        ln.close()
-        client.close()
 
 
 def _answers(ln: Lane) -> bool:
@@ -128,23 +124,18 @@ def _answers(ln: Lane) -> bool:
 
 
 def test_the_lane_times_out_on_a_frozen_server(redis_server: RedisServer) -> None:
-    client = _client(
-        redis_server, socket_timeout=0.3, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 1)
-    )
-    ln = lane_for(client)
-    assert ln is not None
-    ln.execute("PING")
-    redis_server.pause()
-    try:
-        start = time.monotonic()
-        with pytest.raises(redis.TimeoutError):
-            ln.execute("GET", b"k")
-        assert time.monotonic() - start < 5.0  # two attempts of 0.3 s, not a hang
-    finally:
-        redis_server.resume()
-    assert ln.execute("GET", b"k") is None  # and it recovers
-    ln.close()
-    client.close()
+    retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1)
+    with opened_lane(redis_server, socket_timeout=0.3, retry=retry) as (ln, _):
+        ln.execute("PING")
+        redis_server.pause()
+        try:
+            start = time.monotonic()
+            with pytest.raises(redis.TimeoutError):
+                ln.execute("GET", b"k")
+            assert time.monotonic() - start < 5.0  # two attempts of 0.3 s, not a hang
+        finally:
+            redis_server.resume()
+        assert ln.execute("GET", b"k") is None  # and it recovers
 
 
 def test_clients_that_must_keep_redis_py_s_path_get_no_lane(shared_redis: RedisServer) -> None:
@@ -160,10 +151,7 @@ def test_clients_that_must_keep_redis_py_s_path_get_no_lane(shared_redis: RedisS
 def test_a_forked_child_uses_a_connection_of_its_own(
     shared_redis: RedisServer, redis_client: redis.Redis
 ) -> None:
-    client = _client(shared_redis, client_name="lane-fork")
-    ln = lane_for(client)
-    assert ln is not None
-    try:
+    with opened_lane(shared_redis, client_name="lane-fork") as (ln, _):
         ln.execute("SET", b"k", b"parent")
         parent_id = ln.execute("CLIENT", "ID")
         read, write = os.pipe()
@@ -184,9 +172,6 @@ def test_a_forked_child_uses_a_connection_of_its_own(
         assert os.waitstatus_to_exitcode(status) == 0
         assert int(out[0]) != parent_id and out[1] == b"parent"
         assert ln.execute("CLIENT", "ID") == parent_id  # the parent's lane is untouched
-    finally:
-        ln.close()
-        client.close()
 
 
 def test_a_cache_runs_its_hot_calls_on_the_lane(

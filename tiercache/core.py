@@ -46,7 +46,9 @@ from .local import LocalCache
 from .protocol import (
     OP_CLEAR,
     OP_CLEAR_PREFIX,
+    OP_DELETE,
     OP_NAMESPACE,
+    OP_SET,
     OP_TAG,
     Invalidation,
     VersionClock,
@@ -602,45 +604,50 @@ class CacheCore(TagCore):
 
     def apply(self, msg: Invalidation) -> None:
         """Apply one invalidation from another process (or this one's own echo)."""
-        self._counters.add("invalidations_received")
-        if msg.origin == self._origin:
-            self._own.discard(msg.version)
+        # The local copy goes first, the bookkeeping after: this runs on the listener thread
+        # once per message, mostly with cold caches (several times slower than in a loop).
+        version, op = msg.version, msg.op
         now_us = self._clock.now_us()
-        plausible = msg.version <= now_us + _MAX_CLOCK_LEAD_US
-        if msg.origin != self._origin and msg.version <= now_us + _FLOOR_LEAD_US:
-            # Versions are Redis microseconds; this clock's offset to Redis time is an estimate,
-            # so a version slightly ahead of it counts as no lag rather than as no sample.
-            self._lags.add(max(0.0, (now_us - msg.version) / 1000.0))
+        plausible = version <= now_us + _MAX_CLOCK_LEAD_US
         if self._signer is not None and not self._signer.verify_message(
-            msg.key, msg.version, msg.op, msg.origin, msg.sig
+            msg.key, version, op, msg.origin, msg.sig
         ):
             # Unauthenticated: still obeyed as "drop this", which costs at most a miss, but its
             # version is not believed.
             self._counters.add("unsigned_messages")
             plausible = False
+        if op in (OP_SET, OP_DELETE):
+            slot = self._slot(None, msg.key)
+            with self._guard.lock:
+                if plausible:  # nor make the key uncacheable here: it only costs a miss
+                    self._guard.observe(slot.guard, version)
+                e = slot.l1.entry(slot.key)
+                if e is not None and (e.version < version or not plausible):
+                    slot.l1.pop(slot.key, None)
         if plausible:  # a version far in the future (forged) must not poison the clock
-            self._clock.observe(msg.version)
+            self._clock.observe(version)
+        self._counters.add("invalidations_received")
+        if msg.origin == self._origin:
+            self._own.discard(version)
+        elif version <= now_us + _FLOOR_LEAD_US:
+            # Versions are Redis microseconds; this clock's offset to Redis time is an estimate,
+            # so a version slightly ahead of it counts as no lag rather than as no sample.
+            self._lags.add(max(0.0, (now_us - version) / 1000.0))
+        if op != OP_SET and op != OP_DELETE:
+            self._apply_broad(msg, plausible)
+        elif self._on_invalidate is not None:
+            self._hook(self._on_invalidate, _user_key(msg.key), version)
+
+    def _apply_broad(self, msg: Invalidation, plausible: bool) -> None:
+        """Apply a clear, a prefix clear, a tag or a namespace invalidation."""
         if msg.op == OP_CLEAR:
             self._forget_local()
-            return
-        if msg.op == OP_CLEAR_PREFIX:
+        elif msg.op == OP_CLEAR_PREFIX:
             self._forget_prefix(msg.key)
-            return
-        if msg.op == OP_TAG:
+        elif msg.op == OP_TAG:
             self._tag_invalidated(msg.key, msg.version if plausible else None)
-            return
-        if msg.op == OP_NAMESPACE:
+        elif msg.op == OP_NAMESPACE:
             self._generation_seen(msg.version if plausible else None)
-            return
-        slot = self._slot(None, msg.key)
-        with self._guard.lock:
-            if plausible:  # nor make the key uncacheable here: it only costs a miss
-                self._guard.observe(slot.guard, msg.version)
-            e = slot.l1.entry(slot.key)
-            if e is not None and (e.version < msg.version or not plausible):
-                slot.l1.pop(slot.key, None)
-        if self._on_invalidate is not None:
-            self._hook(self._on_invalidate, _user_key(msg.key), msg.version)
 
     def _hook(self, hook: Callable[..., None] | None, *args: Any) -> None:
         """Call a user hook; its exceptions are logged, never raised into the cache."""

@@ -37,7 +37,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .envelope import VERSION_LIMIT
 
@@ -86,14 +86,15 @@ class VersionClock:
 
     def observe(self, version: int) -> None:
         """Note a version issued elsewhere, so the next one issued here is above it."""
+        if version <= self._last:  # (_last only grows: no lock needed to see it is behind)
+            return
         with self._lock:
             if version > self._last:
                 self._last = version
 
 
-@dataclass(frozen=True, slots=True)
-class Invalidation:
-    """One invalidation message."""
+class Invalidation(NamedTuple):
+    """One invalidation message (a tuple: cheap to build, as the listener does per message)."""
 
     seq: int
     restart: bool  # the first message of a (re)started counter
@@ -128,26 +129,24 @@ def format_message(
 
 def parse_message(data: bytes) -> Invalidation:
     """The invalidation in ``data``; ``ValueError`` for anything malformed."""
-    if not isinstance(data, bytes) or len(data) > MAX_MESSAGE_BYTES:
+    if type(data) is not bytes or len(data) > MAX_MESSAGE_BYTES:
         raise ValueError("invalidation message of the wrong type or too large")
     head, sep, key = data.partition(b"\n")
-    fields = head.split(b" ")
-    if not sep or len(fields) != 7 or fields[0] != MESSAGE_TAG or fields[2] not in (b"R", b"+"):
-        raise ValueError("malformed invalidation message")
     try:
-        seq, version = int(fields[1]), int(fields[3])
-        origin = fields[4].decode("ascii")
-        op = fields[5].decode("ascii")
-        sig = fields[6].decode("ascii")
-    except (UnicodeDecodeError, ValueError) as err:
+        tag, seq_s, start, version_s, origin_b, op_b, sig_b = head.split(b" ")
+        seq, version = int(seq_s), int(version_s)
+        origin, op, sig = origin_b.decode("ascii"), op_b.decode("ascii"), sig_b.decode("ascii")
+    except (UnicodeDecodeError, ValueError) as err:  # (also the wrong number of fields)
         raise ValueError("malformed invalidation message") from err
+    if not sep or tag != MESSAGE_TAG or (start != b"+" and start != b"R"):
+        raise ValueError("malformed invalidation message")
     if not origin or not sig:  # the write script always fills both ("-": no signature)
         raise ValueError("invalidation message with an empty origin or signature")
     if op not in OPS or not 0 < seq < VERSION_LIMIT or not 0 <= version < VERSION_LIMIT:
         raise ValueError("invalidation message with invalid fields")
     if (op == OP_CLEAR) != (not key):
         raise ValueError("invalidation message with a missing or unexpected key")
-    return Invalidation(seq, fields[2] == b"R", version, origin, op, key, sig)
+    return Invalidation(seq, start == b"R", version, origin, op, key, sig)
 
 
 class Verdict(enum.Enum):
