@@ -82,6 +82,7 @@ cdef extern from "<math.h>":
 
 
 cdef object _MISSING = object()
+cdef object ABSENT = MISSING  # tiercache.MISSING as a C global: no module lookup on a hit
 POLICIES = ("lru", "lfu", "tinylfu")
 _log = logging.getLogger("tiercache.local")
 # The causes on_evict is told.
@@ -1812,6 +1813,16 @@ cdef void _report_entries_to_gc() noexcept:
 _report_entries_to_gc()
 
 
+cdef inline void _note_hit(LocalCache l1, Entry e):
+    """A front's hit on ``e``: the policy's recency (unless ``e`` leads already) and the count."""
+    if e.link.prev != NULL:
+        if l1._lru is not None:
+            ring_move_front(&l1._lru.ring, &e.link)
+        else:
+            l1._policy.touch(e)
+    l1._hits += 1
+
+
 cdef class TieredFront:
     """The local-hit path of a TieredCache: a str key answered from the local tier alone.
 
@@ -1847,14 +1858,9 @@ cdef class TieredFront:
             if (
                 p != NULL
                 and (<Entry>p).fresh_until > tc_monotonic()
-                and (<Entry>p).value is not MISSING  # a cached absence: the slow path says so
+                and (<Entry>p).value is not ABSENT  # a cached absence: the slow path says so
             ):
-                if (<Entry>p).link.prev != NULL:
-                    if l1._lru is not None:
-                        ring_move_front(&l1._lru.ring, &(<Entry>p).link)
-                    else:
-                        l1._policy.touch(<Entry>p)
-                l1._hits += 1
+                _note_hit(l1, <Entry>p)
                 return (<Entry>p).value
             return self._getitem_slow(key)
         cdef object value = self._local_hit(key)
@@ -1879,14 +1885,9 @@ cdef class TieredFront:
         if p == NULL:
             return _MISSING
         e = <Entry>p  # a strong reference: an injected timer may run Python code
-        if e.fresh_until <= l1._now() or e.value is MISSING:
+        if e.fresh_until <= l1._now() or e.value is ABSENT:
             return _MISSING
-        if e.link.prev != NULL:
-            if l1._lru is not None:
-                ring_move_front(&l1._lru.ring, &e.link)
-            else:
-                l1._policy.touch(e)
-        l1._hits += 1
+        _note_hit(l1, e)
         return e.value
 
 
@@ -1940,14 +1941,9 @@ cdef inline PyObject* _front_hit(CallFront front, PyObject* arg):
     ):
         return NULL
     p = table_lookup(&l1._table, arg, key_hash(<object>arg))
-    if p == NULL or (<Entry>p).fresh_until <= tc_monotonic() or (<Entry>p).value is MISSING:
+    if p == NULL or (<Entry>p).fresh_until <= tc_monotonic() or (<Entry>p).value is ABSENT:
         return NULL
-    if (<Entry>p).link.prev != NULL:
-        if l1._lru is not None:
-            ring_move_front(&l1._lru.ring, &(<Entry>p).link)
-        else:
-            l1._policy.touch(<Entry>p)
-    l1._hits += 1
+    _note_hit(l1, <Entry>p)
     return <PyObject*>(<Entry>p).value
 
 
