@@ -415,7 +415,7 @@ def test_write_latency(tc, server, request, scenario: str) -> None:
             else "a TieredCache listening in process B"
         )
         check = (
-            f"{d['writes']:,} writes, {d['write_errors']} errors; echoes applied here: "
+            f"{d['writes']:,} writes, {d['write_errors']} errors; own echoes received here: "
             f"{d['invalidations_received']:,}"
         )
         if remote is not None:
