@@ -124,14 +124,18 @@ class _Keys:
         return _CallKey(parts)
 
 
-@install_fast_call
-class CachedFunction(CallFront):
-    """A function memoized in a TieredCache (see ``tiered_cache``)."""
+class _Memoized:
+    """What the three kinds of cached function share: their set-up, keys and bookkeeping."""
+
+    _fn: Callable[..., Any]
+    _tiered: Any
+    _keys: _Keys
+    local: LocalCache
 
     def __init__(
         self,
         fn: Callable[..., Any],
-        cache: TieredCache,
+        cache: Any,
         *,
         ttl: float | None,
         key: Callable[..., Any] | None,
@@ -147,20 +151,50 @@ class CachedFunction(CallFront):
         self._owns_cache = owns_cache
         self._keys = _Keys(name or _qualified(fn), typed, key, _signature(fn))
         self._local_maxsize = local_maxsize
-        self._lock = threading.Lock()
         self._remote_hits = 0
         self._loads = 0
-        self._rebind_local()
+        self._start()
         cache.register_subtier(self._keys.name, self)
+
+    def _start(self) -> None:
+        """The kind's own set-up (its local tier first), before it is registered."""
+
+    def local_key_of(self, key: tuple[Any, ...]) -> Hashable:
+        """The local key of a call key (for the cache's invalidation routing)."""
+        return self._keys.local(key[2], key[3])
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else types.MethodType(self, obj)
+
+    def cache_info(self) -> CacheInfo:
+        """Hits and misses (functools' fields), and the hits of each tier."""
+        local = self.local.stats()
+        return CacheInfo(
+            hits=local["hits"] + self._remote_hits,
+            misses=self._loads,
+            maxsize=self.local.maxsize,
+            currsize=len(self.local),
+            local_hits=local["hits"],
+            remote_hits=self._remote_hits,
+            loads=self._loads,
+        )
+
+    def __repr__(self) -> str:
+        return f"<tiered_cache {self._keys.name} of {self._tiered!r}>"
+
+
+@install_fast_call
+class CachedFunction(CallFront, _Memoized):
+    """A function memoized in a TieredCache (see ``tiered_cache``)."""
+
+    def _start(self) -> None:
+        self._lock = threading.Lock()
+        self._rebind_local()
 
     def _rebind_local(self) -> None:
         """A fresh local tier (at creation, and in a forked child)."""
         l1 = LocalCache(self._local_maxsize, **self._tiered._l1_args)
         self._call_front_init(l1, self._tiered, self._keys.key is None)
-
-    def local_key_of(self, key: tuple[Any, ...]) -> Hashable:
-        """The local key of a call key (for the cache's invalidation routing)."""
-        return self._keys.local(key[2], key[3])
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
         """A call the C front did not answer from the local tier."""
@@ -197,22 +231,6 @@ class CachedFunction(CallFront):
             else:
                 self._remote_hits += 1
 
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        return self if obj is None else types.MethodType(self, obj)
-
-    def cache_info(self) -> CacheInfo:
-        """Hits and misses (functools' fields), and the hits of each tier."""
-        local = self.local.stats()
-        return CacheInfo(
-            hits=local["hits"] + self._remote_hits,
-            misses=self._loads,
-            maxsize=self.local.maxsize,
-            currsize=len(self.local),
-            local_hits=local["hits"],
-            remote_hits=self._remote_hits,
-            loads=self._loads,
-        )
-
     def cache_clear(self) -> None:
         """Forget this function's results in Redis and in every process' local tier."""
         self._tiered.clear_prefix(encode_key((CALL_MARK, self._keys.name)))
@@ -228,11 +246,8 @@ class CachedFunction(CallFront):
         if self._owns_cache:
             self._tiered.close()
 
-    def __repr__(self) -> str:
-        return f"<tiered_cache {self._keys.name} of {self._tiered!r}>"
 
-
-class AsyncCachedFunction:
+class AsyncCachedFunction(_Memoized):
     """An ``async def`` function memoized in a TieredCache.
 
     A local hit answers at once; a miss reads Redis and, on a miss there, runs the coroutine
@@ -240,38 +255,10 @@ class AsyncCachedFunction:
     not cancel) under the cache's fill lease, with the Redis calls in a worker thread.
     """
 
-    def __init__(
-        self,
-        fn: Callable[..., Any],
-        cache: TieredCache,
-        *,
-        ttl: float | None,
-        key: Callable[..., Any] | None,
-        typed: bool,
-        local_maxsize: int,
-        name: str | None,
-        owns_cache: bool,
-    ) -> None:
-        functools.update_wrapper(self, fn)
-        self._fn = fn
-        self._tiered = cache
-        self._ttl = ttl
-        self._owns_cache = owns_cache
-        self._keys = _Keys(name or _qualified(fn), typed, key, _signature(fn))
-        self.local = LocalCache(local_maxsize, **cache._l1_args)
+    def _start(self) -> None:
+        self.local = LocalCache(self._local_maxsize, **self._tiered._l1_args)
         self._flights: dict[Hashable, asyncio.Future[Any]] = {}
-        self._remote_hits = 0
-        self._loads = 0
-        cache.register_subtier(self._keys.name, self)
-        self._local_maxsize = local_maxsize
-        if hasattr(inspect, "markcoroutinefunction"):  # Python >= 3.12
-            inspect.markcoroutinefunction(self)
-        else:  # the marker asyncio.iscoroutinefunction looks for
-            self._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
-
-    def local_key_of(self, key: tuple[Any, ...]) -> Hashable:
-        """The local key of a call key (for the cache's invalidation routing)."""
-        return self._keys.local(key[2], key[3])
+        _mark_coroutine_function(self)
 
     def _rebind_local(self) -> None:
         """A fresh local tier (in a forked child)."""
@@ -316,11 +303,6 @@ class AsyncCachedFunction:
             raise
         return await asyncio.to_thread(cache._finish_load, pending, value)
 
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        return self if obj is None else types.MethodType(self, obj)
-
-    cache_info = CachedFunction.cache_info
-
     def cache_clear(self) -> None:
         """Forget this function's results in Redis and in every process' local tier."""
         self._tiered.clear_prefix(encode_key((CALL_MARK, self._keys.name)))
@@ -333,7 +315,7 @@ class AsyncCachedFunction:
     close = CachedFunction.close
 
 
-class AioCachedFunction:
+class AioCachedFunction(_Memoized):
     """An ``async def`` function memoized in an AsyncTieredCache (no worker threads).
 
     A local hit answers at once; concurrent misses of one call share one task (a cancelled
@@ -341,38 +323,10 @@ class AioCachedFunction:
     the fill lease. ``cache_clear()`` and ``invalidate(...)`` are coroutines.
     """
 
-    def __init__(
-        self,
-        fn: Callable[..., Any],
-        cache: AsyncTieredCache,
-        *,
-        ttl: float | None,
-        key: Callable[..., Any] | None,
-        typed: bool,
-        local_maxsize: int,
-        name: str | None,
-        owns_cache: bool,
-    ) -> None:
-        functools.update_wrapper(self, fn)
-        self._fn = fn
-        self._tiered = cache
-        self._ttl = ttl
-        self._owns_cache = owns_cache
-        self._keys = _Keys(name or _qualified(fn), typed, key, _signature(fn))
-        self._local_maxsize = local_maxsize
-        self.local = LocalCache(local_maxsize, **cache._l1_args)
-        self._remote_hits = 0
-        self._loads = 0
+    def _start(self) -> None:
+        self.local = LocalCache(self._local_maxsize, **self._tiered._l1_args)
         self._flights = AsyncSingleFlight()
-        cache.register_subtier(self._keys.name, self)
-        if hasattr(inspect, "markcoroutinefunction"):  # Python >= 3.12
-            inspect.markcoroutinefunction(self)
-        else:  # the marker asyncio.iscoroutinefunction looks for
-            self._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
-
-    def local_key_of(self, key: tuple[Any, ...]) -> Hashable:
-        """The local key of a call key (for the cache's invalidation routing)."""
-        return self._keys.local(key[2], key[3])
+        _mark_coroutine_function(self)
 
     def _rebind_local(self) -> None:
         """A fresh local tier."""
@@ -415,11 +369,6 @@ class AioCachedFunction:
             self._remote_hits += 1
         return value
 
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        return self if obj is None else types.MethodType(self, obj)
-
-    cache_info = CachedFunction.cache_info
-
     async def cache_clear(self) -> None:
         """Forget this function's results in Redis and in every process' local tier."""
         await self._tiered.clear_prefix(encode_key((CALL_MARK, self._keys.name)))
@@ -435,8 +384,13 @@ class AioCachedFunction:
         if self._owns_cache:
             await self._tiered.aclose()
 
-    def __repr__(self) -> str:
-        return f"<tiered_cache {self._keys.name} of {self._tiered!r}>"
+
+def _mark_coroutine_function(wrapper: Any) -> None:
+    """Make ``inspect``/``asyncio.iscoroutinefunction`` recognise an async cached function."""
+    if hasattr(inspect, "markcoroutinefunction"):  # Python >= 3.12
+        inspect.markcoroutinefunction(wrapper)
+    else:  # the marker asyncio.iscoroutinefunction looks for
+        wrapper._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
 
 def _qualified(fn: Callable[..., Any]) -> str:
