@@ -616,7 +616,8 @@ class CacheCore(TagCore):
             # version is not believed.
             self._counters.add("unsigned_messages")
             plausible = False
-        if op in (OP_SET, OP_DELETE):
+        keyed = op in (OP_SET, OP_DELETE)
+        if keyed:
             slot = self._slot(None, msg.key)
             with self._guard.lock:
                 if plausible:  # nor make the key uncacheable here: it only costs a miss
@@ -633,7 +634,7 @@ class CacheCore(TagCore):
             # Versions are Redis microseconds; this clock's offset to Redis time is an estimate,
             # so a version slightly ahead of it counts as no lag rather than as no sample.
             self._lags.add(max(0.0, (now_us - version) / 1000.0))
-        if op != OP_SET and op != OP_DELETE:
+        if not keyed:
             self._apply_broad(msg, plausible)
         elif self._on_invalidate is not None:
             self._hook(self._on_invalidate, _user_key(msg.key), version)

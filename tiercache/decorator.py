@@ -158,6 +158,11 @@ class _Memoized:
 
     def _start(self) -> None:
         """The kind's own set-up (its local tier first), before it is registered."""
+        self._rebind_local()
+
+    def _rebind_local(self) -> None:
+        """A fresh local tier (at creation, and in a forked child)."""
+        self.local = LocalCache(self._local_maxsize, **self._tiered._l1_args)
 
     def local_key_of(self, key: tuple[Any, ...]) -> Hashable:
         """The local key of a call key (for the cache's invalidation routing)."""
@@ -256,13 +261,9 @@ class AsyncCachedFunction(_Memoized):
     """
 
     def _start(self) -> None:
-        self.local = LocalCache(self._local_maxsize, **self._tiered._l1_args)
+        self._rebind_local()
         self._flights: dict[Hashable, asyncio.Future[Any]] = {}
         _mark_coroutine_function(self)
-
-    def _rebind_local(self) -> None:
-        """A fresh local tier (in a forked child)."""
-        self.local = LocalCache(self._local_maxsize, **self._tiered._l1_args)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         lkey, rkey = self._keys.of_call(args, kwargs)
@@ -303,15 +304,8 @@ class AsyncCachedFunction(_Memoized):
             raise
         return await asyncio.to_thread(cache._finish_load, pending, value)
 
-    def cache_clear(self) -> None:
-        """Forget this function's results in Redis and in every process' local tier."""
-        self._tiered.clear_prefix(encode_key((CALL_MARK, self._keys.name)))
-
-    def invalidate(self, *args: Any, **kwargs: Any) -> bool:
-        """Forget the result of one call, everywhere; whether it was cached anywhere."""
-        _, rkey = self._keys.of_call(args, kwargs)
-        return self._tiered.invalidate(rkey)
-
+    cache_clear = CachedFunction.cache_clear  # the same calls: a TieredCache does them
+    invalidate = CachedFunction.invalidate
     close = CachedFunction.close
 
 
@@ -324,13 +318,9 @@ class AioCachedFunction(_Memoized):
     """
 
     def _start(self) -> None:
-        self.local = LocalCache(self._local_maxsize, **self._tiered._l1_args)
+        self._rebind_local()
         self._flights = AsyncSingleFlight()
         _mark_coroutine_function(self)
-
-    def _rebind_local(self) -> None:
-        """A fresh local tier."""
-        self.local = LocalCache(self._local_maxsize, **self._tiered._l1_args)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         lkey, rkey = self._keys.of_call(args, kwargs)

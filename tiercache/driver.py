@@ -60,18 +60,16 @@ def make_client(
 class SyncDriver:
     """Runs the cache's commands and Lua scripts on one redis-py client."""
 
-    use_lane = True  # single commands on a held connection (tiercache.lane) when the client allows
-
     def __init__(self, client: redis.Redis, keys: KeySpace, *, log_maxlen: int = 10_000) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("the Redis client must not decode responses (decode_responses=False)")
         self.client = client
         self.keys = keys
         self.commands = Commands(keys, log_maxlen)
-        lane = lane_for(client) if self.use_lane else None
-        # Single commands: on the lane when there is one (tiercache.lane), else the client.
-        self._execute = lane.execute if lane is not None else client.execute_command
-        self._lane = lane
+        # Single commands: on the lane when the client allows one (tiercache.lane; not for
+        # Cluster or Sentinel clients), else through the client.
+        self._lane = lane_for(client)
+        self._execute = self._lane.execute if self._lane is not None else client.execute_command
 
     # -- running calls ----------------------------------------------------------------------
 

@@ -229,7 +229,7 @@ class AsyncTieredCache(AsyncTaggingMixin, TieredFront, CacheCore):  # type: igno
     def _fresh_local_tier(self) -> None:
         self._l1 = LocalCache(self._local_maxsize, on_evict=self._l1_on_evict, **self._l1_args)
         self._guard = FillGuard()
-        self._own = OwnWrites()  # own writes in flight (their echo passes the listener)
+        self._own = OwnWrites()  # stays empty: the async listener applies every echo in full
         self._tags = TagState()  # the tag versions known here, the local copies' tags
         self._front_init(self._l1)
 
