@@ -133,8 +133,9 @@ class Listener:
                 self._session()
             except (redis.RedisError, OSError, ValueError) as err:
                 self.disconnects += 1
-                self._set_unhealthy(f"{type(err).__name__}: {err}")
-                log.debug("listener %s lost its channel: %r", self._name, err)
+                reason = f"{type(err).__name__}: {err}"
+                self._set_unhealthy(reason)
+                log.debug("listener %s lost its channel: %s", self._name, reason)
             finally:
                 self._close_connection()
             if self._was_healthy:  # a session that worked: the next reconnect starts quick
