@@ -21,6 +21,7 @@ if not os.environ.get("TIERCACHE_NO_EXTENSIONS"):
                     include_dirs=["ext"],
                     extra_compile_args=["-O3"],
                 ),
+                Extension("tiercache._wire", ["ext/_wire.pyx"], extra_compile_args=["-O3"]),
             ],
             compiler_directives={
                 "language_level": 3,

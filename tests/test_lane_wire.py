@@ -313,6 +313,65 @@ def test_own_writes_pass_the_listener_without_a_resync(cache: TieredCache) -> No
     assert all(cache.local.get(f"k{i}") == i for i in range(300))
 
 
+def test_own_echoes_pass_the_socket_filter_without_reaching_python(cache: TieredCache) -> None:
+    """The listener's filter takes the sequence numbers of this process' echoes itself: the
+    Python handler (own_echo/apply) sees next to none of them, yet every one is counted and
+    the partition's position follows the counter (no gap, no resync)."""
+    handled: list[Any] = []
+    own_echo, apply = cache.own_echo, cache.apply
+    cache.own_echo = lambda msg: handled.append(msg) or own_echo(msg)  # type: ignore[method-assign]
+    cache.apply = lambda msg: handled.append(msg) or apply(msg)  # type: ignore[method-assign]
+    before = cache.stats()["invalidations_received"]
+    for i in range(200):
+        cache[f"f{i}"] = i
+    wait_until(lambda: cache.stats()["invalidations_received"] >= before + 200, DEADLINE)
+    listener = cache._listener
+    assert listener is not None and listener._echoes is not None
+    assert len(handled) < 20  # a PONG in the same read hands the echoes behind it to Python
+    entry = cache.local.entry("f199")
+    assert entry is not None
+    assert listener.heard(entry.version) or any(m.version == entry.version for m in handled)
+    position = cache.redis.get(cache._keys.prefix(0) + b"seq")
+    wait_until(lambda: listener._trackers[0].seq == int(position), DEADLINE)
+    s = cache.stats()
+    assert s["resyncs"] == 0 and s["local_usable"]
+
+
+def test_an_on_invalidate_hook_sees_the_own_echoes_the_filter_would_pass(
+    shared_redis: RedisServer, redis_client: redis.Redis
+) -> None:
+    seen: list[tuple[Any, int]] = []
+    cache = TieredCache(
+        shared_redis.url, heartbeat_interval=0, on_invalidate=lambda k, v: seen.append((k, v))
+    )
+    try:
+        assert cache.wait_ready(DEADLINE)
+        assert cache._listener is not None and cache._listener._echoes is None
+        for i in range(20):
+            cache[f"h{i}"] = i
+        wait_until(lambda: len(seen) == 20, DEADLINE, message="the hook saw every own write")
+        assert [k for k, _ in seen] == [f"h{i}" for i in range(20)]
+    finally:
+        cache.close()
+
+
+def test_the_lane_packs_as_redis_py_does(lane: tuple[Lane, Any]) -> None:
+    from tiercache.lane import _pack
+
+    _, client = lane
+    conn = client.connection_pool.get_connection()
+    try:
+        args = ("EVALSHA", "ab" * 20, 2, b"k1", b"k\r\n2", "S", 12345, "origin", b"\x00\xff", -7)
+        assert b"".join(_pack(conn, args)) == b"".join(conn.pack_command(*args))
+        assert b"".join(_pack(conn, ("CONFIG GET", "x"))) == b"".join(
+            conn.pack_command("CONFIG GET", "x")
+        )
+        with pytest.raises(redis.DataError):
+            _pack(conn, ("SET", b"k", None))
+    finally:
+        client.connection_pool.release(conn)
+
+
 def test_a_write_whose_reply_is_lost_but_whose_echo_came_is_known_applied(
     shared_redis: RedisServer, redis_client: redis.Redis
 ) -> None:

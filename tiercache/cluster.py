@@ -480,6 +480,10 @@ class ShardedListener:
         """Block until healthy or ``timeout`` seconds pass; returns whether healthy."""
         return self._healthy.wait(timeout)
 
+    def heard(self, version: int) -> bool:
+        """No echo filter here: every echo reaches the handler (OwnWrites answers)."""
+        return False
+
     # -- the loop ------------------------------------------------------------------------------
 
     def _run(self) -> None:

@@ -427,7 +427,14 @@ class CacheCore(TagCore):
         """The write script's call for ``env``: tagged, and write-behind, when asked."""
         cmds = self._driver.commands
         call = cmds.write(
-            encoded, op, env.version, self._pack(env, encoded), **self._write_args(encoded, op, env)
+            encoded,
+            op,
+            env.version,
+            self._pack(env, encoded),
+            ttl_ms=self._redis_ttl_ms(env),
+            origin=self._origin,
+            sig=self._sign_message(encoded, env.version, op),
+            ceiling=self._clock.now_us() + _MAX_CLOCK_LEAD_US,
         )
         if ext is not None and ext.tags:  # refused below the tags' versions: retried
             call = tagmod.tagged_write(call, tagmod.tag_keys(cmds, ext))
@@ -479,15 +486,6 @@ class CacheCore(TagCore):
             e = slot.l1.entry(slot.key)
             if e is not None and e.version < result.version:
                 slot.l1.pop(slot.key, None)
-
-    def _write_args(self, encoded: bytes, op: str, env: Envelope) -> dict[str, Any]:
-        """The write script's arguments for ``env`` (commands.Commands.write)."""
-        return {
-            "ttl_ms": self._redis_ttl_ms(env),
-            "origin": self._origin,
-            "sig": self._sign_message(encoded, env.version, op),
-            "ceiling": self._clock.now_us() + _MAX_CLOCK_LEAD_US,
-        }
 
     # -- loads: what a lease reply means ----------------------------------------------------
 
@@ -601,6 +599,17 @@ class CacheCore(TagCore):
             return False
         self._counters.add("invalidations_received")
         return True
+
+    def echo_origin(self) -> str | None:
+        """The origin whose next-in-sequence set/delete echoes the listener may let pass
+        without telling this cache (None: an ``on_invalidate`` hook must see every one)."""
+        return self._origin if self._on_invalidate is None else None
+
+    def echoes_passed(self, versions: list[int]) -> None:
+        """Own echoes of these versions passed the listener's filter (received, as
+        ``own_echo`` would have let them pass)."""
+        self._counters.add("invalidations_received", len(versions))
+        self._own.passed(versions)
 
     def apply(self, msg: Invalidation) -> None:
         """Apply one invalidation from another process (or this one's own echo)."""

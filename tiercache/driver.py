@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -77,7 +77,7 @@ class SyncDriver:
         """One round trip."""
         if call.script is None:
             return call.parse(self._execute(*call.args))
-        return call.parse(self._run(call.script, list(call.keys), list(call.args)))
+        return call.parse(self._run(call.script, call.keys, call.args))
 
     def call_many(self, calls: list[Call]) -> list[Any]:
         """Several calls in one round trip (a pipeline); an error reply comes back as a value."""
@@ -100,7 +100,7 @@ class SyncDriver:
             for c, r in zip(calls, replies, strict=True)
         ]
 
-    def _run(self, name: str, keys: list[bytes], args: list[Any]) -> Any:
+    def _run(self, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         """EVALSHA ``lua/<name>.lua``, loading it first if Redis does not know it (a restart)."""
         sha = self._sha(name)
         try:

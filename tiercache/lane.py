@@ -7,6 +7,8 @@ write script) go through one connection that the lane keeps checked out of the c
 with the client's own ``Retry``, timeouts, AUTH and TLS (they live on the connection), so errors,
 retries and reconnects behave as with ``execute_command``. A caller that finds the lane busy
 (another thread is on it) takes the ordinary client path: the lane never makes anyone wait.
+The command is packed once, before any retry, with hiredis when the connection packs with it
+(redis-py's packer copies every argument first: 7-14 µs for the write script's 17 against 3).
 
 Only for a plain ``redis.Redis`` on a pool of its own connections; Cluster and Sentinel clients,
 a single-connection client and a client-side caching pool keep the ordinary path.
@@ -19,7 +21,9 @@ import threading
 import weakref
 from typing import Any
 
+import hiredis
 import redis
+from redis.connection import HiredisRespSerializer
 
 __all__ = ["Lane", "lane_for"]
 
@@ -46,8 +50,9 @@ class Lane:
                 if self._closed:
                     return self._client.execute_command(*args)
                 conn = self._conn = self._pool.get_connection()
+            packed = _pack(conn, args)
             reply = conn.retry.call_with_retry(
-                lambda: _round_trip(conn, args), lambda _err: conn.disconnect()
+                lambda: _round_trip(conn, packed), lambda _err: conn.disconnect()
             )
         finally:
             self._lock.release()
@@ -69,8 +74,20 @@ class Lane:
         self._conn = None
 
 
-def _round_trip(conn: Any, args: tuple[Any, ...]) -> Any:
-    conn.send_command(*args)
+def _pack(conn: Any, args: tuple[Any, ...]) -> list[bytes]:
+    """``args`` as the connection would send them (str, bytes and int arguments only)."""
+    name = args[0]
+    hiredis_packs = type(conn._command_packer) is HiredisRespSerializer
+    if hiredis_packs and type(name) is str and " " not in name:
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as err:  # as redis-py reports an argument it cannot send
+            raise redis.DataError(str(err)) from err
+    return conn.pack_command(*args)  # type: ignore[no-any-return]
+
+
+def _round_trip(conn: Any, packed: list[bytes]) -> Any:
+    conn.send_packed_command(packed)
     return conn.read_response()
 
 

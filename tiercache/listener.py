@@ -20,8 +20,15 @@ from typing import Any, Protocol
 import redis
 
 from .driver import SyncDriver
-from .protocol import Invalidation, SequenceTracker, Verdict, parse_message, replay_plan
-from .wire import ConnectionWire, SocketWire, open_wire
+from .protocol import (
+    MAX_MESSAGE_BYTES,
+    Invalidation,
+    SequenceTracker,
+    Verdict,
+    parse_message,
+    replay_plan,
+)
+from .wire import ConnectionWire, EchoFilter, SocketWire, open_wire
 
 log = logging.getLogger("tiercache.listener")
 
@@ -40,6 +47,13 @@ class ListenerHandler(Protocol):
 
     def own_echo(self, msg: Invalidation) -> bool:
         """Whether ``msg`` (next in sequence) is an echo of this process' write to let pass."""
+
+    def echo_origin(self) -> str | None:
+        """The origin whose next-in-sequence set/delete echoes may pass the socket's filter
+        without reaching ``apply`` or ``own_echo`` (None: every message reaches them)."""
+
+    def echoes_passed(self, versions: list[int]) -> None:
+        """The echoes of these versions passed the filter since the last report, in order."""
 
     def flush(self, reason: str) -> None:
         """Messages were lost beyond what the log holds: forget the whole local tier."""
@@ -71,6 +85,14 @@ class Listener:
         self._handler = handler
         self._channels = {driver.keys.channel(p): p for p in partitions}
         self._trackers = {p: SequenceTracker() for p in partitions}
+        # This process' own echoes pass in the socket's filter (without the GIL when compiled):
+        # the writing thread then never waits for this one (see tiercache.wire).
+        origin = handler.echo_origin()
+        self._echoes = (
+            EchoFilter(origin.encode(), list(self._channels), MAX_MESSAGE_BYTES)
+            if origin is not None
+            else None
+        )
         self._health_interval = health_interval
         self._health_timeout = health_timeout
         self._subscribe_timeout = subscribe_timeout
@@ -148,19 +170,22 @@ class Listener:
     def _session(self) -> None:
         """One connection's life: subscribe, catch up, then pump messages until trouble."""
         conn = self._conn = self._driver.listener_connection(self._name)
-        wire = open_wire(conn)
+        wire = open_wire(conn, self._echoes)
         wire.send("SUBSCRIBE", *self._channels)
         self._await_subscriptions(wire)
         if self._stop.is_set():
             return
         for partition in self._trackers:
             self._catch_up(partition)
+        self._arm_echoes(wire)
         self._set_healthy()
         self._pumping = True
         try:
             self._pump(wire)
         finally:
             self._pumping = False
+            if wire.echoes is not None:  # what passed before the trouble counts
+                self._take_echoes(wire.echoes)
 
     def _await_subscriptions(self, wire: SocketWire | ConnectionWire) -> None:
         pending = set(self._channels)
@@ -181,12 +206,17 @@ class Listener:
         while not self._stop.is_set():
             now = time.monotonic()
             wait = (pong_due if pong_due is not None else last_ping + self._health_interval) - now
-            for reply in wire.read(min(wait, 0.1)):
+            replies = wire.read(min(wait, 0.1))
+            if wire.echoes is not None:
+                self._take_echoes(wire.echoes)
+            for reply in replies:
                 kind = reply[0]
                 if kind == b"message":
                     self._on_message(reply[1], reply[2])
                 elif kind == b"pong":
                     pong_due = None
+            if replies:  # positions may have moved (applied, or caught up after a gap)
+                self._arm_echoes(wire)
             now = time.monotonic()
             if pong_due is not None and now > pong_due:
                 raise HealthCheckFailed(f"no PONG within {self._health_timeout}s")
@@ -235,6 +265,23 @@ class Listener:
             for inv in plan:
                 self._handler.apply(inv)
         tracker.seq = current
+
+    def _arm_echoes(self, wire: SocketWire | ConnectionWire) -> None:
+        """Let the filter pass own echoes from the partitions' current positions."""
+        if wire.echoes is not None:
+            wire.echoes.arm([self._trackers[p].seq for p in self._channels.values()])
+
+    def _take_echoes(self, echoes: EchoFilter) -> None:
+        """Take the positions of the echoes the filter passed (they precede what it handed on)."""
+        passed = echoes.take_passed()
+        if passed:
+            for index, partition in enumerate(self._channels.values()):
+                self._trackers[partition].seq = echoes.position(index)
+            self._handler.echoes_passed(passed)
+
+    def heard(self, version: int) -> bool:
+        """Whether the echo of this process' write at ``version`` passed the filter lately."""
+        return self._echoes is not None and self._echoes.heard(version)
 
     def _tick(self) -> None:
         try:

@@ -319,6 +319,17 @@ class OwnWrites:
                 self._state[version] = self._HEARD
             return True
 
+    def passed(self, versions: list[int]) -> None:
+        """The echoes of ``versions`` arrived (``heard`` for each, under one lock)."""
+        with self._lock:
+            state = self._state
+            for version in versions:
+                s = state.get(version)
+                if s == self._DONE:
+                    del state[version]
+                elif s is not None:
+                    state[version] = self._HEARD
+
     def end(self, version: int, applied: bool) -> bool:
         """The write at ``version`` is over (``applied``: its reply said so); whether its echo
         was heard, which proves it landed."""

@@ -845,6 +845,8 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
                 raise redis_lib.ResponseError("concurrent writers kept overtaking this one")
         except redis_lib.RedisError as err:
             landed = own.end(env.version, applied=False)  # its echo came: it landed
+            if not landed and self._listener is not None:  # (or passed the socket's filter)
+                landed = self._listener.heard(env.version)
             self._write_unknown(key, slot, env, err, behind, landed=landed)
             return None
         own.end(env.version, applied=True)

@@ -8,10 +8,16 @@ measured on a 2-core host). ``SocketWire`` blocks in a single ``recv`` with a ke
 timeout (``SO_RCVTIMEO``), so a wake-up is one take, and parses every reply that arrived with
 hiredis in one go. TLS sockets (and platforms without ``SO_RCVTIMEO``) keep ``ConnectionWire``,
 redis-py's own reading.
+
+Given an ``EchoFilter`` (``_wire``, compiled, or its twin ``_wire_py``), ``SocketWire`` reads
+through it: the process' own set/delete echoes pass there, without the GIL in the compiled
+build, and only the other replies reach hiredis (the caller syncs its positions, see
+tiercache.listener). ``TIERCACHE_NO_EXTENSIONS=1`` selects the twin.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
@@ -20,13 +26,25 @@ from typing import Any
 import hiredis
 import redis
 
-__all__ = ["ConnectionWire", "SocketWire", "open_wire"]
+if os.environ.get("TIERCACHE_NO_EXTENSIONS"):
+    from ._wire_py import EchoFilter
+else:
+    try:
+        from ._wire import EchoFilter
+    except ImportError:
+        if os.environ.get("TIERCACHE_REQUIRE_EXTENSIONS"):
+            raise
+        from ._wire_py import EchoFilter
+
+__all__ = ["ConnectionWire", "EchoFilter", "SocketWire", "open_wire"]
 
 _CHUNK = 65536
 
 
 class ConnectionWire:
     """Replies read through the redis-py connection (``can_read`` + ``read_response``)."""
+
+    echoes = None  # no echo filter: every reply comes through
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
@@ -45,11 +63,14 @@ class ConnectionWire:
 class SocketWire:
     """Replies read off the connection's plain socket with one ``recv`` per wake-up."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, echoes: EchoFilter | None = None) -> None:
         self._sock: socket.socket = conn._sock
         self._reader = hiredis.Reader()
         self._rcvtimeo = -1.0
         self._sock.settimeout(None)  # blocking at the OS level: the kernel times the wait
+        self.echoes = echoes
+        if echoes is not None:
+            echoes.reset()  # a new connection: nothing passes until the caller arms it
 
     def send(self, *args: Any) -> None:
         """Send one command."""
@@ -69,10 +90,15 @@ class SocketWire:
                 socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros)
             )
             self._rcvtimeo = timeout
-        try:
-            data = self._sock.recv(_CHUNK)
-        except BlockingIOError:  # the receive timeout passed
-            return []
+        if self.echoes is not None:
+            data = self.echoes.read(self._sock.fileno(), timeout)
+            if data == b"":
+                return []
+        else:
+            try:
+                data = self._sock.recv(_CHUNK)
+            except BlockingIOError:  # the receive timeout passed
+                return []
         if not data:
             raise redis.ConnectionError("the server closed the pub/sub connection")
         self._reader.feed(data)
@@ -90,8 +116,9 @@ class SocketWire:
         return out
 
 
-def open_wire(conn: Any) -> SocketWire | ConnectionWire:
-    """The fastest way to read ``conn`` (connected, nothing sent on it yet)."""
+def open_wire(conn: Any, echoes: EchoFilter | None = None) -> SocketWire | ConnectionWire:
+    """The fastest way to read ``conn`` (connected, nothing sent on it yet); ``echoes`` filters
+    a plain socket's replies (a TLS connection does without)."""
     sock = getattr(conn, "_sock", None)
     if (
         isinstance(sock, socket.socket)
@@ -99,5 +126,5 @@ def open_wire(conn: Any) -> SocketWire | ConnectionWire:
         and hasattr(socket, "SO_RCVTIMEO")
         and struct.calcsize("ll") == 16
     ):
-        return SocketWire(conn)
+        return SocketWire(conn, echoes)
     return ConnectionWire(conn)
