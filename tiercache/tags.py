@@ -171,7 +171,7 @@ def tag_keys(commands: Commands, ext: Ext) -> tuple[bytes, ...]:
 
 def tagged_write(call: Call, tkeys: tuple[bytes, ...]) -> Call:
     """``commands.write`` of a set with tags: refused below the tags' invalidation versions."""
-    return dataclasses.replace(call, script="write_tagged", keys=call.keys + tkeys)
+    return call._replace(script="write_tagged", keys=call.keys + tkeys)
 
 
 def tagged_fill(
@@ -185,7 +185,7 @@ def tagged_fill(
     fill = call.script == "fill"
     script = "fill_tagged" if fill else "refresh_tagged"
     args = (*call.args, ttl_ms, version, lease_ms, 1 if fill else 2, len(tkeys))
-    return dataclasses.replace(call, script=script, args=args, keys=call.keys + tkeys)
+    return call._replace(script=script, args=args, keys=call.keys + tkeys)
 
 
 def _announce(
@@ -203,9 +203,7 @@ def _announce(
     args = list(call.args)
     args[0], args[7] = op, key
     args.append(min_ttl_ms)
-    return dataclasses.replace(
-        call, script="write_tagged", args=tuple(args), keys=(*call.keys, target)
-    )
+    return call._replace(script="write_tagged", args=tuple(args), keys=(*call.keys, target))
 
 
 def bump_tag(
