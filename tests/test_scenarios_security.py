@@ -12,7 +12,6 @@ needs, and checks that the password never shows. Nothing is mocked: the one patc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import pickle
@@ -117,7 +116,7 @@ def name_of(key: Hashable, namespace: str = NS) -> bytes:
 
 def signed(env: Envelope, encoded: bytes, secret: str) -> bytes:
     """``env`` packed and signed with ``secret`` for ``encoded``, as a cache would."""
-    header = dataclasses.replace(env, signature=bytes(32)).header()
+    header = env._replace(signature=bytes(32)).header()
     return header + Signer(secret, NS).sign_envelope(encoded, header, env.payload) + env.payload
 
 
@@ -192,7 +191,7 @@ def _attacks(config: str, tmp: Path, genuine: Callable[[str], bytes]) -> dict[st
         flipped[-1] ^= 0x80
         attacks["flipped-bit-payload"] = bytes(flipped)
         attacks["copied-from-another-key"] = genuine("other")
-        attacks["signature-stripped"] = dataclasses.replace(unpack(good), signature=b"").pack()
+        attacks["signature-stripped"] = unpack(good)._replace(signature=b"").pack()
         attacks["msgpack-envelope-attacker-secret"] = signed(
             Envelope(9, 1, resolve_codec(None).dumps("forged")), encode_key("k"), ATTACKER_SECRET
         )
@@ -801,7 +800,7 @@ def test_s22_churn_over_many_keys_keeps_every_map_bounded(
     for i in range(n):
         enc = encode_key(f"c{i}")
         version = now_us + 1 + i
-        env = dataclasses.replace(tomb, version=version).pack()
+        env = tomb._replace(version=version).pack()
         pipe.evalsha(
             sha, 3, *ks.script_keys(enc),
             "D", version, env, 60_000, "other", ks.channel(0), 10_000, enc, "-", version + 10**10,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import multiprocessing
 import os
 import signal
@@ -891,7 +890,7 @@ def test_a_value_redis_still_holds_past_its_expiry_is_reloaded_once_under_the_le
     make()["k"] = "old"
     env = unpack(redis_client.get(raw_key("k")))
     past = time.time() - 0.5
-    stale = dataclasses.replace(env, expires_at=past, fresh_until=past)
+    stale = env._replace(expires_at=past, fresh_until=past)
     redis_client.set(raw_key("k"), stale.pack(), px=5000)
     caches = [make(), make()]
     calls: list[str] = []

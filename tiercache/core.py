@@ -10,7 +10,6 @@ tier, how an invalidation changes it, when to refresh early. The sync driver's c
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import random
@@ -887,10 +886,10 @@ class CacheCore(TagCore):
         """
         if len(encoded) > self._keys.max_key_bytes:
             block = len(encoded).to_bytes(4, "big") + encoded
-            env = dataclasses.replace(env, payload=block + env.payload)
+            env = env._replace(payload=block + env.payload)
         if self._signer is None:
             return env.pack()
-        placeholder = dataclasses.replace(env, signature=bytes(SIGNATURE_SIZE))
+        placeholder = env._replace(signature=bytes(SIGNATURE_SIZE))
         header = placeholder.header()
         return header + self._signer.sign_envelope(encoded, header, env.payload) + env.payload
 

@@ -30,7 +30,7 @@ No I/O here.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAGIC = b"TC"
 FORMAT = 1
@@ -51,9 +51,10 @@ class EnvelopeError(ValueError):
     """Bytes that are not a well-formed envelope of this format."""
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """A decoded envelope: header fields, the raw signature and the (still encoded) payload."""
+class Envelope(NamedTuple):
+    """A decoded envelope: header fields, the raw signature and the (still encoded) payload.
+
+    A tuple: one is built per write and per read from Redis (a frozen dataclass costs twice)."""
 
     version: int
     codec: int

@@ -10,7 +10,6 @@ trips of ``TieredCache`` (tiercache.tiered), and tiercache.aio.tagging the await
 from __future__ import annotations
 
 import collections
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -93,9 +92,7 @@ class TagCore:
         if not tags and not sliding:
             return env
         ext = Ext(tags, int(seconds * 1000) if sliding and seconds else 0)
-        return dataclasses.replace(
-            env, payload=tagmod.pack_ext(ext) + env.payload, flags=env.flags | FLAG_EXT
-        )
+        return env._replace(payload=tagmod.pack_ext(ext) + env.payload, flags=env.flags | FLAG_EXT)
 
     def _resolve(
         self, ttl: Any, encoded: bytes, value: Any
