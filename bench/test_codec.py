@@ -26,7 +26,6 @@ assertions: the report shows the figures.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import pickle
@@ -149,7 +148,7 @@ def _envelope_codec(signed: bool) -> tuple[Callable[[Any], Any], Callable[[Any],
         env, encoded = item
         if signer is None:
             return encoded, env.pack()
-        placeholder = dataclasses.replace(env, signature=bytes(SIGNATURE_SIZE))
+        placeholder = env._replace(signature=bytes(SIGNATURE_SIZE))
         header = placeholder.header()
         return encoded, header + signer.sign_envelope(encoded, header, env.payload) + env.payload
 
