@@ -618,24 +618,34 @@ def test_own_writes_stay_bounded_when_echoes_never_come() -> None:
     assert own.heard(1000)
 
 
-@given(st.lists(st.tuples(st.sampled_from("bhe"), st.integers(1, 5), st.booleans()), max_size=60))
+@given(st.lists(st.tuples(st.sampled_from("bhpe"), st.integers(1, 5), st.booleans()), max_size=60))
 @SETTINGS
 def test_own_writes_against_a_model(steps: list[tuple[str, int, bool]]) -> None:
-    """begin/heard/end in any order: an echo passes only while its write is registered, and
-    end reports the echo exactly when it came between begin and end."""
+    """begin/heard/passed/end in any order: an echo passes only while its write is registered,
+    and end reports the echo exactly when it came (heard, or passed by the socket's filter)
+    between begin and end."""
     own = OwnWrites()
     model: dict[int, str] = {}
+
+    def hear(v: int) -> bool:
+        state = model.get(v)
+        if state == "done":
+            del model[v]
+        elif state is not None:
+            model[v] = "heard"
+        return state is not None
+
     for op, v, applied in steps:
         if op == "b":
             own.begin(v)
             model[v] = "pending"
         elif op == "h":
-            state = model.get(v)
-            assert own.heard(v) == (state is not None)
-            if state == "done":
-                del model[v]
-            elif state is not None:
-                model[v] = "heard"
+            assert own.heard(v) == hear(v)
+        elif op == "p":  # the filter passed two echoes, taken together
+            pair = [v, v % 5 + 1]
+            own.passed(pair)
+            for version in pair:
+                hear(version)
         else:
             state = model.get(v)
             assert own.end(v, applied) == (state == "heard")

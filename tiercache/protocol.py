@@ -310,25 +310,23 @@ class OwnWrites:
     def heard(self, version: int) -> bool:
         """The echo of ``version`` arrived: whether it is an own write that needs no applying."""
         with self._lock:
-            s = self._state.get(version)
-            if s is None:
-                return False
-            if s == self._DONE:
-                del self._state[version]
-            else:
-                self._state[version] = self._HEARD
-            return True
+            return self._hear(version)
 
     def passed(self, versions: list[int]) -> None:
         """The echoes of ``versions`` arrived (``heard`` for each, under one lock)."""
         with self._lock:
-            state = self._state
             for version in versions:
-                s = state.get(version)
-                if s == self._DONE:
-                    del state[version]
-                elif s is not None:
-                    state[version] = self._HEARD
+                self._hear(version)
+
+    def _hear(self, version: int) -> bool:
+        s = self._state.get(version)
+        if s is None:
+            return False
+        if s == self._DONE:
+            del self._state[version]
+        else:
+            self._state[version] = self._HEARD
+        return True
 
     def end(self, version: int, applied: bool) -> bool:
         """The write at ``version`` is over (``applied``: its reply said so); whether its echo
