@@ -77,7 +77,7 @@ class Lane:
 def _pack(conn: Any, args: tuple[Any, ...]) -> list[bytes]:
     """``args`` as the connection would send them (str, bytes and int arguments only)."""
     name = args[0]
-    hiredis_packs = type(conn._command_packer) is HiredisRespSerializer
+    hiredis_packs = type(getattr(conn, "_command_packer", None)) is HiredisRespSerializer
     if hiredis_packs and type(name) is str and " " not in name:
         try:
             return [hiredis.pack_command(args)]
