@@ -287,9 +287,11 @@ class OwnWrites:
     the next message of its partition from this origin with that version, only takes its
     sequence number (``heard``): the writer's handling of the reply does what applying the echo
     would (observe the version, drop older local copies), and the writing thread does not wait
-    for the listener's work on the GIL. ``end`` closes the write and tells a writer whose reply
-    never came whether the echo proved the write landed. Bounded: a version pushed out of the
-    map, or ended unapplied, is applied in full when its echo comes (harmless, only slower).
+    for the listener's work on the GIL. Echoes the listener's socket filter let pass without
+    Python (tiercache.wire) are reported in batches (``passed``). ``end`` closes the write and
+    tells a writer whose reply never came whether the echo proved the write landed. Bounded: a
+    version pushed out of the map, or ended unapplied, is applied in full when its echo comes
+    (harmless, only slower).
     """
 
     _PENDING, _DONE, _HEARD = 0, 1, 2
