@@ -144,8 +144,8 @@ class Commands:
 
         ``sig`` signs the message; a stored version above ``ceiling`` is taken as planted.
         """
-        counter, log, entry = self.keys.script_keys(encoded)
-        channel = self.keys.channel(self.keys.partition(encoded))
+        keys = self.keys
+        counter, log, channel, values = keys.write_names(encoded)
         args = (
             op,
             version,
@@ -157,8 +157,9 @@ class Commands:
             encoded,
             sig,
             ceiling,
-            *self._publish_arg(),
+            "S" if self.sharded else "P",  # see _publish_arg
         )
+        entry = values + (encoded if len(encoded) <= keys.max_key_bytes else keys.stored(encoded))
         return Call("write", args, (counter, log, entry), write_result)
 
     def announce_clear(

@@ -376,9 +376,14 @@ class CacheCore(TagCore):
         encoded = encode_key(key)
         slot = self._slot(key, encoded)
         payload, flags = self._payload(value)  # a value that cannot be stored changes nothing
-        policy = self._policy(ttl, tags, sliding)
         version = self._clock.next(after=self._guard.newest(slot.guard))
-        env = self._tagged_envelope(payload, flags, policy, version, 0.0, encoded, value)
+        if tags is None and sliding is None:
+            env = self._tagged_envelope(
+                payload, flags, self._ttl if ttl is None else ttl, version, 0.0, encoded, value
+            )
+        else:
+            policy = self._policy(ttl, tags, sliding)
+            env = self._tagged_envelope(payload, flags, policy, version, 0.0, encoded, value)
         return encoded, slot, env
 
     def _policy(self, ttl: TtlArg, tags: TagsArg, sliding: bool | None) -> Any:
@@ -397,14 +402,25 @@ class CacheCore(TagCore):
         value: Any,
         encoded: bytes = b"",
     ) -> None:
-        """A write applied: install the written value locally."""
+        """A write applied (``_write_done``): and the written value is installed locally."""
         self._counters.add("writes")
-        ext = self._ext_of(env, encoded)
-        self._slid(encoded, ext)
+        ext = self._ext_of(env, encoded) if env.flags & FLAG_EXT else None
+        if ext is not None:
+            self._slid(encoded, ext)
         fresh = self._local_fresh(env)
-        if fresh > 0:
+        version = applied.version
+        with self._guard.lock:
+            self._guard.observe(slot.guard, version)
             # Admitted like a read: a flush or a newer write since the write began wins.
-            self._install(ticket, slot, applied.version, fresh, value, ext)
+            if (
+                fresh > 0
+                and self._local_usable
+                and self._install_locked(ticket, slot, version, fresh, value, ext)
+            ):
+                return
+            e = slot.l1.entry(slot.key)  # not installed: no older copy stays (_write_done)
+            if e is not None and e.version < version:
+                slot.l1.pop(slot.key, None)
 
     def _delete_envelope(self, key: Hashable) -> tuple[bytes, _Slot, Envelope, bool]:
         """(encoded key, local slot, tombstone, whether a local copy existed) of a delete."""
@@ -425,15 +441,16 @@ class CacheCore(TagCore):
     ) -> Call:
         """The write script's call for ``env``: tagged, and write-behind, when asked."""
         cmds = self._driver.commands
+        now_us = self._clock.now_us()
         call = cmds.write(
             encoded,
             op,
             env.version,
             self._pack(env, encoded),
-            ttl_ms=self._redis_ttl_ms(env),
+            ttl_ms=self._redis_ttl_ms(env, now_us),
             origin=self._origin,
-            sig=self._sign_message(encoded, env.version, op),
-            ceiling=self._clock.now_us() + _MAX_CLOCK_LEAD_US,
+            sig="-" if self._signer is None else self._sign_message(encoded, env.version, op),
+            ceiling=now_us + _MAX_CLOCK_LEAD_US,
         )
         if ext is not None and ext.tags:  # refused below the tags' versions: retried
             call = tagmod.tagged_write(call, tagmod.tag_keys(cmds, ext))
@@ -714,7 +731,7 @@ class CacheCore(TagCore):
 
     def _slot(self, key: Hashable | None, encoded: bytes) -> _Slot:
         """The local home of a key (``key`` may be None when only the encoding is known)."""
-        sub = self._subtier_of(encoded)
+        sub = self._subtier_of(encoded) if encoded.startswith(_CALL_PREFIX) else None
         if sub is not None:
             # The caller's own key when there is one: a cached function's local tier then holds
             # its argument objects, which its callers' next calls match by identity.
@@ -888,7 +905,7 @@ class CacheCore(TagCore):
             block = len(encoded).to_bytes(4, "big") + encoded
             env = env._replace(payload=block + env.payload)
         if self._signer is None:
-            return env.pack()
+            return env.header() + env.signature + env.payload  # (env.pack(), one call less)
         placeholder = env._replace(signature=bytes(SIGNATURE_SIZE))
         header = placeholder.header()
         return header + self._signer.sign_envelope(encoded, header, env.payload) + env.payload
@@ -917,25 +934,39 @@ class CacheCore(TagCore):
                     slot.l1.pop(slot.key, None)
             return
         with self._guard.lock:
-            current = slot.l1.entry(slot.key)
-            # The same version no longer fresh (a sliding value read again) is renewed.
-            if current is not None and (
-                current.version > version
-                or (current.version == version and current.fresh_until > slot.l1.timer())
-            ):
-                return
-            if not self._guard.admit(ticket, slot.guard, version):
-                self._counters.add("local_fills_rejected")
-                return
-            tags = ext.tags if ext is not None else ()
-            if tags and not self._tags.admit(ext.partition, tags, version):  # type: ignore[union-attr]
-                self._counters.add("local_fills_rejected")  # a tag invalidated since (or unknown)
-                return
-            self._put_local(slot, value, version, fresh)
-            if tags:
-                self._tags.index(slot.guard, slot.l1, slot.key, version, ext.partition, tags)  # type: ignore[union-attr]
-            else:
-                self._tags.unindex(slot.guard)
+            self._install_locked(ticket, slot, version, fresh, value, ext)
+
+    def _install_locked(
+        self,
+        ticket: int,
+        slot: _Slot,
+        version: int,
+        fresh: float,
+        value: Any,
+        ext: Ext | None,
+    ) -> bool:
+        """``_install`` on a usable local tier, the guard's lock held; whether it installed
+        (or found the local copy newer, or the same and fresh)."""
+        current = slot.l1.entry(slot.key)
+        # The same version no longer fresh (a sliding value read again) is renewed.
+        if current is not None and (
+            current.version > version
+            or (current.version == version and current.fresh_until > slot.l1.timer())
+        ):
+            return True
+        if not self._guard.admit(ticket, slot.guard, version):
+            self._counters.add("local_fills_rejected")
+            return False
+        tags = ext.tags if ext is not None else ()
+        if tags and not self._tags.admit(ext.partition, tags, version):  # type: ignore[union-attr]
+            self._counters.add("local_fills_rejected")  # a tag invalidated since (or unknown)
+            return False
+        self._put_local(slot, value, version, fresh)
+        if tags:
+            self._tags.index(slot.guard, slot.l1, slot.key, version, ext.partition, tags)  # type: ignore[union-attr]
+        else:
+            self._tags.unindex(slot.guard)
+        return True
 
     def _put_local(self, slot: _Slot, value: Any, version: int, fresh: float) -> None:
         """Store a local copy fresh for ``fresh`` seconds (caller holds the guard's lock)."""
@@ -1026,13 +1057,15 @@ class CacheCore(TagCore):
             load_ms=load_ms,
         )
 
-    def _redis_ttl_ms(self, env: Envelope) -> int:
-        """The Redis TTL in ms of an envelope (0: none)."""
+    def _redis_ttl_ms(self, env: Envelope, now_us: int | None = None) -> int:
+        """The Redis TTL in ms of an envelope (0: none), at ``now_us`` (default: now)."""
         if not env.expires_at:
             if env.flags & FLAG_EXT:  # a sliding TTL, if any, is in the tags block
                 return tagmod.split_ext(env.payload)[0].sliding_ms
             return 0
-        return max(1, int((env.expires_at - self._clock.now_us() / 1e6) * 1000))
+        if now_us is None:
+            now_us = self._clock.now_us()
+        return max(1, int((env.expires_at - now_us / 1e6) * 1000))
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()

@@ -174,6 +174,9 @@ class KeySpace:
         object.__setattr__(self, "_prefixes", prefixes)
         vtag = b"v%d:" % self.generation if self.generation else b"v:"
         object.__setattr__(self, "_values", tuple(p + vtag for p in prefixes))
+        # (counter, log, channel, value prefix) of each partition: what every write names
+        writes = tuple((p + b"seq", p + b"log", p + b"inv", p + vtag) for p in prefixes)
+        object.__setattr__(self, "_writes", writes)
 
     def partition(self, encoded: bytes) -> int:
         """The partition of an encoded key."""
@@ -224,9 +227,13 @@ class KeySpace:
 
     def script_keys(self, encoded: bytes) -> tuple[bytes, bytes, bytes]:
         """(counter, log, entry) keys of an encoded key, all in one slot."""
-        partition = self.partition(encoded)
-        prefix = self.prefix(partition)
-        return prefix + b"seq", prefix + b"log", self.value_prefix(partition) + self.stored(encoded)
+        counter, log, _, values = self.write_names(encoded)
+        return counter, log, values + self.stored(encoded)
+
+    def write_names(self, encoded: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+        """(counter, log, channel, value prefix) of an encoded key's partition."""
+        p = 0 if self.partitions == 1 else zlib.crc32(encoded) % self.partitions
+        return self._writes[p]  # type: ignore[attr-defined,no-any-return]
 
     def refresh_marker(self, encoded: bytes) -> bytes:
         """The key marking a refresh of ``encoded`` in progress (same slot as its entry)."""

@@ -27,6 +27,8 @@ from redis.connection import HiredisRespSerializer
 
 __all__ = ["Lane", "lane_for"]
 
+_UNSET = object()
+
 
 class Lane:
     """Runs one command at a time on a connection it keeps out of ``client``'s pool."""
@@ -35,6 +37,7 @@ class Lane:
         self._client = client
         self._pool = client.connection_pool
         self._callbacks = client.response_callbacks
+        self._callback_of: dict[Any, Any] = {}  # command name -> the client's callback, or None
         self._lock = threading.Lock()
         self._conn: Any = None
         self._closed = False
@@ -56,7 +59,10 @@ class Lane:
             )
         finally:
             self._lock.release()
-        callback = self._callbacks.get(args[0])
+        # (The client's callbacks, a case-insensitive mapping, read once per command name.)
+        callback = self._callback_of.get(args[0], _UNSET)
+        if callback is _UNSET:
+            callback = self._callback_of[args[0]] = self._callbacks.get(args[0])
         return reply if callback is None else callback(reply)
 
     def close(self) -> None:

@@ -26,6 +26,8 @@ from .keys import KeySpace, decode_key
 from .protocol import OP_NAMESPACE, OP_TAG, FillGuard, VersionClock
 from .tags import Ext, Policy, TagsArg, TagState
 
+_SECONDS = (type(None), int, float)  # a plain TTL: no callable, no tags.Policy
+
 # Tagged writes and tag invalidations that overtake each other retry this many more times, each
 # proposing further ahead (TAG_STEP_US, 4x, ... up to 1 s): a stream of the other kind cannot
 # starve them.
@@ -85,6 +87,9 @@ class TagCore:
         value: Any,
     ) -> Envelope:
         """An envelope with the TTL, tags and sliding TTL that ``ttl`` resolves to."""
+        plain = not (self._default_tags or self._sliding or flags & FLAG_ABSENT)
+        if plain and type(ttl) in _SECONDS:  # what _resolve would give, without the calls
+            return self._envelope(payload, ttl, version, load_ms, flags)
         seconds, tags, sliding = self._resolve(ttl, encoded, value)
         if flags & FLAG_ABSENT:
             seconds, sliding = self._negative_ttl, False

@@ -58,6 +58,7 @@ from .core import (  # noqa: F401  (importable from here too)
 )
 from .driver import LeaseResult, SyncDriver, make_client
 from .envelope import (
+    FLAG_EXT,
     HEADER_SIZE,
     Envelope,
 )
@@ -803,7 +804,8 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
         ``write_behind``: also queue the write for the origin, atomically (tiercache.writebehind).
         """
         encoded, slot, env = self._set_envelope(key, value, ttl, tags, sliding)
-        self._ensure_listener()
+        if self._listener is None:
+            self._ensure_listener()
         if not self._local_usable:
             self._check_generation()
         if self._bloom is not None:  # before the value exists anywhere
@@ -827,11 +829,12 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
     ) -> Any:
         """Run the write script for ``op``; the local copy is dropped before, and after a failure.
 
-        Returns the driver's result, or None when the failure is swallowed (on_write_error).
+        Returns the driver's result (the caller ends an applied write: ``_write_done``), or
+        None when the failure is swallowed (on_write_error).
         ``behind``: the write-behind script, which also queues the write for the origin.
         """
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
-        ext = self._ext_of(env, encoded)
+        ext = self._ext_of(env, encoded) if env.flags & FLAG_EXT else None
         own = self._own
         try:
             for attempt in range(self._write_attempts(ext)):
@@ -850,7 +853,6 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
             self._write_unknown(key, slot, env, err, behind, landed=landed)
             return None
         own.end(env.version, applied=True)
-        self._write_done(slot, result)
         return result
 
     def __delitem__(self, key: Hashable) -> None:
@@ -893,6 +895,7 @@ class TieredCache(TaggingMixin, TieredFront, CacheCore, MutableMapping):  # type
         result = self._write(key, encoded, slot, OP_DELETE, env, behind=behind)
         if result is None:
             return True  # Redis failed and the failure was swallowed: it may have been there
+        self._write_done(slot, result)
         self._counters.add("deletes")
         return was_local or result.existed
 

@@ -770,7 +770,8 @@ class AsyncTieredCache(AsyncTaggingMixin, TieredFront, CacheCore):  # type: igno
         """Run the write script for ``op``; the local copy is dropped before, and after a failure.
 
         A cancelled write is a write of unknown outcome: the key is distrusted here, as after
-        a timeout, before the cancellation propagates.
+        a timeout, before the cancellation propagates. The caller ends an applied write
+        (``_write_done``).
         """
         slot.l1.pop(slot.key, None)  # read-your-writes: the old local copy goes first
         ext = self._ext_of(env, encoded)
@@ -791,7 +792,6 @@ class AsyncTieredCache(AsyncTaggingMixin, TieredFront, CacheCore):  # type: igno
                 self._guard.observe(slot.guard, env.version, applied=False)
                 slot.l1.pop(slot.key, None)
             raise
-        self._write_done(slot, result)
         return result
 
     async def delete(self, key: Hashable) -> None:
@@ -825,6 +825,7 @@ class AsyncTieredCache(AsyncTaggingMixin, TieredFront, CacheCore):  # type: igno
         result = await self._write(key, encoded, slot, OP_DELETE, env, behind)
         if result is None:
             return True  # Redis failed and the failure was swallowed: it may have been there
+        self._write_done(slot, result)
         self._counters.add("deletes")
         return was_local or result.existed
 
