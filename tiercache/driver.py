@@ -102,7 +102,7 @@ class SyncDriver:
 
     def _run(self, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         """EVALSHA ``lua/<name>.lua``, loading it first if Redis does not know it (a restart)."""
-        sha = self._sha(name)
+        sha = self.commands.shas.get(name) or self._sha(name)
         try:
             return self._execute("EVALSHA", sha, len(keys), *keys, *args)
         except NoScriptError:

@@ -16,6 +16,7 @@ a single-connection client and a client-side caching pool keep the ordinary path
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -40,6 +41,7 @@ class Lane:
         self._callback_of: dict[Any, Any] = {}  # command name -> the client's callback, or None
         self._lock = threading.Lock()
         self._conn: Any = None
+        self._hiredis_packs = False  # whether _conn packs with hiredis, as the lane then does
         self._closed = False
         _LANES.add(self)
 
@@ -53,9 +55,10 @@ class Lane:
                 if self._closed:
                     return self._client.execute_command(*args)
                 conn = self._conn = self._pool.get_connection()
-            packed = _pack(conn, args)
+                self._hiredis_packs = _packs_with_hiredis(conn)
+            packed = _pack(conn, args, self._hiredis_packs)
             reply = conn.retry.call_with_retry(
-                lambda: _round_trip(conn, packed), lambda _err: conn.disconnect()
+                functools.partial(_round_trip, conn, packed), lambda _err: conn.disconnect()
             )
         finally:
             self._lock.release()
@@ -80,10 +83,18 @@ class Lane:
         self._conn = None
 
 
-def _pack(conn: Any, args: tuple[Any, ...]) -> list[bytes]:
-    """``args`` as the connection would send them (str, bytes and int arguments only)."""
+def _packs_with_hiredis(conn: Any) -> bool:
+    return type(getattr(conn, "_command_packer", None)) is HiredisRespSerializer
+
+
+def _pack(conn: Any, args: tuple[Any, ...], hiredis_packs: bool | None = None) -> list[bytes]:
+    """``args`` as the connection would send them (str, bytes and int arguments only).
+
+    ``hiredis_packs``: whether ``conn`` packs with hiredis (found out when None).
+    """
+    if hiredis_packs is None:
+        hiredis_packs = _packs_with_hiredis(conn)
     name = args[0]
-    hiredis_packs = type(getattr(conn, "_command_packer", None)) is HiredisRespSerializer
     if hiredis_packs and type(name) is str and " " not in name:
         try:
             return [hiredis.pack_command(args)]

@@ -72,7 +72,7 @@ class VersionClock:
     def next(self, after: int = 0) -> int:
         """A new version above ``after`` and above every version this clock issued or saw."""
         with self._lock:
-            version = max(self.now_us(), self._last + 1, after + 1)
+            version = max(self._wall_ns() // 1000 + self._offset_us, self._last + 1, after + 1)
             if version >= VERSION_LIMIT:
                 raise OverflowError("version space exhausted")
             self._last = version
