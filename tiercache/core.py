@@ -407,7 +407,7 @@ class CacheCore(TagCore):
         ext = self._ext_of(env, encoded) if env.flags & FLAG_EXT else None
         if ext is not None:
             self._slid(encoded, ext)
-        fresh = self._local_fresh(env)
+        fresh = self._local_fresh(env) if env.fresh_until or ext is not None else self._local_ttl
         version = applied.version
         with self._guard.lock:
             self._guard.observe(slot.guard, version)
@@ -442,12 +442,14 @@ class CacheCore(TagCore):
         """The write script's call for ``env``: tagged, and write-behind, when asked."""
         cmds = self._driver.commands
         now_us = self._clock.now_us()
+        plain = self._signer is None and len(encoded) <= self._keys.max_key_bytes
         call = cmds.write(
             encoded,
             op,
             env.version,
-            self._pack(env, encoded),
-            ttl_ms=self._redis_ttl_ms(env, now_us),
+            # (_pack and _redis_ttl_ms inlined where they have nothing to do: every write runs here)
+            env.header() + env.signature + env.payload if plain else self._pack(env, encoded),
+            ttl_ms=self._redis_ttl_ms(env, now_us) if env.expires_at or env.flags else 0,
             origin=self._origin,
             sig="-" if self._signer is None else self._sign_message(encoded, env.version, op),
             ceiling=now_us + _MAX_CLOCK_LEAD_US,
@@ -731,14 +733,14 @@ class CacheCore(TagCore):
 
     def _slot(self, key: Hashable | None, encoded: bytes) -> _Slot:
         """The local home of a key (``key`` may be None when only the encoding is known)."""
-        sub = self._subtier_of(encoded) if encoded.startswith(_CALL_PREFIX) else None
+        if type(key) is str:  # (no call key: those are tuples; local_key keeps a str as is)
+            return _Slot(self._l1, key, key)
+        sub = self._subtier_of(encoded)
         if sub is not None:
             # The caller's own key when there is one: a cached function's local tier then holds
             # its argument objects, which its callers' next calls match by identity.
             call = key if key is not None else decode_key(encoded)
             return _Slot(sub.local, sub.local_key_of(call), encoded)  # type: ignore[arg-type]
-        if type(key) is str:  # (local_key's own first case, one call less on every write)
-            return _Slot(self._l1, key, key)
         lkey = local_key(key, encoded) if key is not None else local_key_of(encoded)
         return _Slot(self._l1, lkey, lkey)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -74,10 +74,16 @@ class SyncDriver:
     # -- running calls ----------------------------------------------------------------------
 
     def call(self, call: Call) -> Any:
-        """One round trip."""
+        """One round trip (a script: EVALSHA, loading it first if Redis does not know it)."""
         if call.script is None:
             return call.parse(self._execute(*call.args))
-        return call.parse(self._run(call.script, call.keys, call.args))
+        keys, sha = call.keys, self.commands.shas.get(call.script) or self._sha(call.script)
+        try:
+            reply = self._execute("EVALSHA", sha, len(keys), *keys, *call.args)
+        except NoScriptError:  # a restarted Redis
+            self.client.script_load(self._source(call.script))
+            reply = self._execute("EVALSHA", sha, len(keys), *keys, *call.args)
+        return call.parse(reply)
 
     def call_many(self, calls: list[Call]) -> list[Any]:
         """Several calls in one round trip (a pipeline); an error reply comes back as a value."""
@@ -99,19 +105,6 @@ class SyncDriver:
             r if isinstance(r, Exception) else c.parse(r)
             for c, r in zip(calls, replies, strict=True)
         ]
-
-    def _run(self, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        """EVALSHA ``lua/<name>.lua``, loading it first if Redis does not know it (a restart)."""
-        sha = self.commands.shas.get(name) or self._sha(name)
-        try:
-            return self._execute("EVALSHA", sha, len(keys), *keys, *args)
-        except NoScriptError:
-            self.client.script_load(self._source(name))
-            return self._execute("EVALSHA", sha, len(keys), *keys, *args)
-
-    def _run_many(self, name: str, calls: list[tuple[list[bytes], list[Any]]]) -> list[Any]:
-        """Several runs of one script in one round trip; errors are returned, not raised."""
-        return self.call_many([Call(name, tuple(args), tuple(keys)) for keys, args in calls])
 
     def _source(self, name: str) -> str:
         source = self.commands.sources.get(name)
