@@ -377,6 +377,24 @@ def test_a_keys_names_share_the_hash_slot_of_its_partition(
 
 
 @SETTINGS
+@given(ENCODED, st.sampled_from([1, 3, 16]), st.sampled_from([0, 1, 7]))
+def test_the_names_a_write_uses_are_those_of_its_partition_and_generation(
+    encoded: bytes, partitions: int, generation: int
+) -> None:
+    ks = KeySpace("ns", partitions).with_generation(generation)
+    p = ks.partition(encoded)
+    counter, log, channel, values = ks.write_names(encoded)
+    assert (counter, log, channel, values) == (
+        ks.counter(p),
+        ks.log(p),
+        ks.channel(p),
+        ks.value_prefix(p),
+    )
+    assert values + ks.stored(encoded) == ks.value(encoded)
+    assert (values == ks.prefix(p) + b"v:") == (generation == 0)  # older generations' names differ
+
+
+@SETTINGS
 @given(ENCODED, st.sampled_from([1, 4]))
 def test_the_encoded_key_is_recovered_from_its_value_key_name(
     encoded: bytes, partitions: int

@@ -9,6 +9,8 @@ retries and reconnects behave as with ``execute_command``. A caller that finds t
 (another thread is on it) takes the ordinary client path: the lane never makes anyone wait.
 The command is packed once, before any retry, with hiredis when the connection packs with it
 (redis-py's packer copies every argument first: 7-14 µs for the write script's 17 against 3).
+The client's response callbacks are read once per command name (a change made to them after a
+command's first call on the lane does not reach the lane).
 
 Only for a plain ``redis.Redis`` on a pool of its own connections; Cluster and Sentinel clients,
 a single-connection client and a client-side caching pool keep the ordinary path.
