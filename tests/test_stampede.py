@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -81,8 +82,17 @@ def blocked_in(thread: threading.Thread, function: str) -> bool:
 
     Used to know that a follower has joined a single-flight call (it is waiting on the
     leader's future) before the leader is released: a condition, not a sleep.
+    The collector is off meanwhile: on CPython 3.11 a collection that starts inside
+    ``sys._current_frames()`` (it holds the runtime's thread-list lock) can run a finalizer that
+    needs that lock, and the thread hangs in C where no timeout reaches it (CPython gh-106883).
     """
-    frame = sys._current_frames().get(thread.ident or -1)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        frame = sys._current_frames().get(thread.ident or -1)
+    finally:
+        if collecting:
+            gc.enable()
     while frame is not None:
         if frame.f_code.co_name == function:
             return True

@@ -402,7 +402,7 @@ class CacheCore(TagCore):
         value: Any,
         encoded: bytes = b"",
     ) -> None:
-        """A write applied (``_write_done``): and the written value is installed locally."""
+        """A write applied: ``_write_done`` and the local install of the value, in one step."""
         self._counters.add("writes")
         ext = self._ext_of(env, encoded) if env.flags & FLAG_EXT else None
         if ext is not None:
@@ -412,15 +412,8 @@ class CacheCore(TagCore):
         with self._guard.lock:
             self._guard.observe(slot.guard, version)
             # Admitted like a read: a flush or a newer write since the write began wins.
-            if (
-                fresh > 0
-                and self._local_usable
-                and self._install_locked(ticket, slot, version, fresh, value, ext)
-            ):
-                return
-            e = slot.l1.entry(slot.key)  # not installed: no older copy stays (_write_done)
-            if e is not None and e.version < version:
-                slot.l1.pop(slot.key, None)
+            if not (fresh > 0 and self._install(ticket, slot, version, fresh, value, ext)):
+                self._drop_older(slot, version)  # not installed: no older copy stays
 
     def _delete_envelope(self, key: Hashable) -> tuple[bytes, _Slot, Envelope, bool]:
         """(encoded key, local slot, tombstone, whether a local copy existed) of a delete."""
@@ -501,9 +494,14 @@ class CacheCore(TagCore):
         the write's echo would do: the listener lets the echo pass, see OwnWrites)."""
         with self._guard.lock:
             self._guard.observe(slot.guard, result.version)
-            e = slot.l1.entry(slot.key)
-            if e is not None and e.version < result.version:
-                slot.l1.pop(slot.key, None)
+            self._drop_older(slot, result.version)
+
+    @staticmethod
+    def _drop_older(slot: _Slot, version: int) -> None:
+        """Drop the local copy of ``slot`` if it is older than ``version`` (guard's lock held)."""
+        current = slot.l1.entry(slot.key)
+        if current is not None and current.version < version:
+            slot.l1.pop(slot.key, None)
 
     # -- loads: what a lease reply means ----------------------------------------------------
 
@@ -927,53 +925,38 @@ class CacheCore(TagCore):
         fresh: float,
         value: Any,
         ext: Ext | None = None,
-    ) -> None:
-        """Install a value read under ``ticket`` locally, unless it could bring back old data."""
-        if not self._local_usable:
-            # Not serving locally now, but a copy older than what was just read must not be
-            # served again once the tier is back on (monotonic reads).
-            with self._guard.lock:
-                current = slot.l1.entry(slot.key)
-                if current is not None and current.version < version:
-                    slot.l1.pop(slot.key, None)
-            return
-        with self._guard.lock:
-            self._install_locked(ticket, slot, version, fresh, value, ext)
-
-    def _install_locked(
-        self,
-        ticket: int,
-        slot: _Slot,
-        version: int,
-        fresh: float,
-        value: Any,
-        ext: Ext | None,
     ) -> bool:
-        """``_install`` on a usable local tier, the guard's lock held; whether it installed
-        (or found the local copy newer, or the same and fresh)."""
-        current = slot.l1.entry(slot.key)
-        # The same version no longer fresh (a sliding value read again) is renewed.
-        if current is not None and (
-            current.version > version
-            or (current.version == version and current.fresh_until > slot.l1.timer())
-        ):
+        """Install a value read under ``ticket`` locally, unless it could bring back old data;
+        whether the local tier now holds it (or a newer copy, or the same one still fresh)."""
+        with self._guard.lock:  # (reentrant: _set_done holds it across observe and install)
+            if not self._local_usable:
+                # Not serving locally now, but a copy older than what was just read must not be
+                # served again once the tier is back on (monotonic reads).
+                self._drop_older(slot, version)
+                return False
+            current = slot.l1.entry(slot.key)
+            # The same version no longer fresh (a sliding value read again) is renewed.
+            if current is not None and (
+                current.version > version
+                or (current.version == version and current.fresh_until > slot.l1.timer())
+            ):
+                return True
+            if not self._guard.admit(ticket, slot.guard, version):
+                self._counters.add("local_fills_rejected")
+                return False
+            tags = ext.tags if ext is not None else ()
+            if tags and not self._tags.admit(ext.partition, tags, version):  # type: ignore[union-attr]
+                self._counters.add("local_fills_rejected")  # a tag invalidated since (or unknown)
+                return False
+            try:
+                slot.l1.set(slot.key, value, version=version, fresh_until=slot.l1.timer() + fresh)
+            except ValueError:  # heavier than local_maxbytes: it lives in Redis only
+                slot.l1.pop(slot.key, None)
+            if tags:
+                self._tags.index(slot.guard, slot.l1, slot.key, version, ext.partition, tags)  # type: ignore[union-attr]
+            else:
+                self._tags.unindex(slot.guard)
             return True
-        if not self._guard.admit(ticket, slot.guard, version):
-            self._counters.add("local_fills_rejected")
-            return False
-        tags = ext.tags if ext is not None else ()
-        if tags and not self._tags.admit(ext.partition, tags, version):  # type: ignore[union-attr]
-            self._counters.add("local_fills_rejected")  # a tag invalidated since (or unknown)
-            return False
-        try:
-            slot.l1.set(slot.key, value, version=version, fresh_until=slot.l1.timer() + fresh)
-        except ValueError:  # heavier than local_maxbytes: it lives in Redis only
-            slot.l1.pop(slot.key, None)
-        if tags:
-            self._tags.index(slot.guard, slot.l1, slot.key, version, ext.partition, tags)  # type: ignore[union-attr]
-        else:
-            self._tags.unindex(slot.guard)
-        return True
 
     def _value_envelope(
         self,
