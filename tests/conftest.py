@@ -6,7 +6,10 @@ Helpers are imported as ``tests.servers`` / ``tests.proxy`` whether or not ``tes
 
 from __future__ import annotations
 
+import faulthandler
+import os
 import sys
+from collections.abc import Generator
 from pathlib import Path
 
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -60,3 +63,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.get_closest_marker("aio") is not None
         ):
             item.add_marker(pytest.mark.filterwarnings("error"))
+
+
+# A last resort against a hang in C that no signal reaches (a deadlock holding the GIL, such as
+# CPython gh-106883): a minute past the test's pytest-timeout limit, faulthandler's own thread,
+# which needs no GIL, prints every thread's stack (to stderr: seen with -s) and ends the process;
+# pytest-xdist reports the worker's crash and goes on, so the suite fails instead of hanging.
+_LAST_RESORT_GRACE_S = float(os.environ.get("TIERCACHE_TEST_HANG_GRACE", "60"))
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    try:  # (ValueError: pytest-timeout is not loaded, so its option and ini key are unknown)
+        value = item.config.getoption("timeout", None) or item.config.getini("timeout")
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    limit = _timeout_of(item)
+    if limit > 0:
+        faulthandler.dump_traceback_later(limit + _LAST_RESORT_GRACE_S, exit=True)
+    try:
+        return (yield)
+    finally:
+        if limit > 0:
+            faulthandler.cancel_dump_traceback_later()
