@@ -159,6 +159,7 @@ class Commands:
             ceiling,
             "S" if self.sharded else "P",  # see _publish_arg
         )
+        # (keys.stored() inlined for the common short key: every write runs here)
         entry = values + (encoded if len(encoded) <= keys.max_key_bytes else keys.stored(encoded))
         return Call("write", args, (counter, log, entry), write_result)
 

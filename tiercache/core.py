@@ -377,13 +377,11 @@ class CacheCore(TagCore):
         slot = self._slot(key, encoded)
         payload, flags = self._payload(value)  # a value that cannot be stored changes nothing
         version = self._clock.next(after=self._guard.newest(slot.guard))
-        if tags is None and sliding is None:
-            env = self._tagged_envelope(
-                payload, flags, self._ttl if ttl is None else ttl, version, 0.0, encoded, value
-            )
+        if tags is None and sliding is None:  # (what _policy gives then, one call less)
+            policy = self._ttl if ttl is None else ttl
         else:
             policy = self._policy(ttl, tags, sliding)
-            env = self._tagged_envelope(payload, flags, policy, version, 0.0, encoded, value)
+        env = self._tagged_envelope(payload, flags, policy, version, 0.0, encoded, value)
         return encoded, slot, env
 
     def _policy(self, ttl: TtlArg, tags: TagsArg, sliding: bool | None) -> Any:
@@ -440,7 +438,8 @@ class CacheCore(TagCore):
             encoded,
             op,
             env.version,
-            # (_pack and _redis_ttl_ms inlined where they have nothing to do: every write runs here)
+            # (_pack, that is env.pack(), and _redis_ttl_ms inlined where they have nothing to do:
+            # every write runs here, and a call costs ~1 µs after the blocking round trip)
             env.header() + env.signature + env.payload if plain else self._pack(env, encoded),
             ttl_ms=self._redis_ttl_ms(env, now_us) if env.expires_at or env.flags else 0,
             origin=self._origin,
@@ -907,7 +906,7 @@ class CacheCore(TagCore):
             block = len(encoded).to_bytes(4, "big") + encoded
             env = env._replace(payload=block + env.payload)
         if self._signer is None:
-            return env.header() + env.signature + env.payload  # (env.pack(), one call less)
+            return env.pack()
         placeholder = env._replace(signature=bytes(SIGNATURE_SIZE))
         header = placeholder.header()
         return header + self._signer.sign_envelope(encoded, header, env.payload) + env.payload

@@ -72,7 +72,8 @@ class VersionClock:
     def next(self, after: int = 0) -> int:
         """A new version above ``after`` and above every version this clock issued or saw."""
         with self._lock:
-            version = max(self._wall_ns() // 1000 + self._offset_us, self._last + 1, after + 1)
+            now_us = self._wall_ns() // 1000 + self._offset_us  # (now_us(), without the call)
+            version = max(now_us, self._last + 1, after + 1)
             if version >= VERSION_LIMIT:
                 raise OverflowError("version space exhausted")
             self._last = version
